@@ -1,0 +1,1 @@
+"""One module per pattern, the naive form beside the optimized one."""
