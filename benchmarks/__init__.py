@@ -1,1 +1,1 @@
-"""Benchmark harness of the membench suite: fresh server processes under load, RSS sampled."""
+"""Benchmark harness of membench: fresh server processes under load, RSS sampled."""

@@ -3,6 +3,7 @@ answers, stopped by process group so no child outlives it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -166,7 +167,5 @@ class ServerProcess:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -96,9 +96,11 @@ class PerRequestEngine:
         self.stats.engines_by_module[module] += 1
         try:
             # The "$connect()" of the original: open a connection up front.
-            async with engine.connect() as conn:
-                async with AsyncSession(bind=conn, expire_on_commit=False) as session:
-                    yield session
+            async with (
+                engine.connect() as conn,
+                AsyncSession(bind=conn, expire_on_commit=False) as session,
+            ):
+                yield session
         finally:
             # The "$disconnect()": close the pool and every connection in it.
             await engine.dispose()
