@@ -189,7 +189,7 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = s
     app.state.db_stats = client.EngineStats()
     app.state.db = client.database_for(
-        s.is_naive("client"), s.db_url, app.state.db_stats
+        s.is_naive("client"), s.db_url, app.state.db_stats, pool=s.pool_size
     )
     app.state.read_json = _pick(
         s, "body-limit", body_limit.read_json_naive, body_limit.read_json_limited

@@ -41,6 +41,8 @@ class Settings:
     plus: frozenset[str] = frozenset()
     ai_url: str = DEFAULT_AI_URL
     ai_timeout_s: float = 30.0
+    #: Database pool sizing: ``sqlalchemy``, ``prisma`` or a number.
+    pool_size: str = "sqlalchemy"
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod

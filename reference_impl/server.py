@@ -64,6 +64,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         storage_dir=storage,
         ai_url=args.ai_url,
         ai_timeout_s=args.ai_timeout,
+        pool_size=args.pool_size,
     )
 
 
@@ -84,6 +85,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ai-timeout", type=float, default=30.0, help="seconds to wait for the AI API"
+    )
+    parser.add_argument(
+        "--pool-size",
+        default="sqlalchemy",
+        metavar="SIZING",
+        help="database pool: sqlalchemy (5 + 10 overflow, the default), "
+        "prisma (physical CPUs x 2 + 1) or a number",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
 

@@ -8,6 +8,7 @@ from; every route asks for a session the same way, naming its module.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -22,8 +23,38 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from reference_impl.errors import UsageError
+
 #: Seconds an SQLite connection waits on a locked database before failing.
 SQLITE_BUSY_TIMEOUT_S = 5.0
+
+#: Named pool sizings; a number N is also a sizing (N connections, no overflow).
+POOL_SIZINGS = ("sqlalchemy", "prisma")
+
+
+def prisma_pool_size() -> int:
+    """Prisma's default connection limit: physical CPUs x 2 + 1."""
+    import psutil
+
+    return (psutil.cpu_count(logical=False) or os.cpu_count() or 1) * 2 + 1
+
+
+def pool_options(sizing: str) -> dict[str, int]:
+    """Pool keywords of ``create_async_engine`` for a sizing.
+
+    ``sqlalchemy`` keeps its default (5 connections and 10 more on demand);
+    ``prisma`` caps the pool as Prisma did; a number N caps it at N.
+    """
+    if sizing == "sqlalchemy":
+        return {}
+    if sizing == "prisma":
+        return {"pool_size": prisma_pool_size(), "max_overflow": 0}
+    if sizing.isdigit() and int(sizing) > 0:
+        return {"pool_size": int(sizing), "max_overflow": 0}
+    raise UsageError(
+        f"pool sizing {sizing!r} is not a positive number nor one of "
+        f"{', '.join(POOL_SIZINGS)}"
+    )
 
 
 @dataclass
@@ -80,9 +111,10 @@ def make_engine(url: str, stats: EngineStats, **kwargs: object) -> AsyncEngine:
 class PerRequestEngine:
     """Naive: a new engine for each API module and request, disposed after it."""
 
-    def __init__(self, url: str, stats: EngineStats) -> None:
+    def __init__(self, url: str, stats: EngineStats, **options: object) -> None:
         self.url = url
         self.stats = stats
+        self.options = options
 
     async def start(self) -> None:
         """Nothing lives across requests in this form."""
@@ -92,7 +124,7 @@ class PerRequestEngine:
 
     @asynccontextmanager
     async def session(self, module: str) -> AsyncIterator[AsyncSession]:
-        engine = make_engine(self.url, self.stats)
+        engine = make_engine(self.url, self.stats, **self.options)
         self.stats.engines_by_module[module] += 1
         try:
             # The "$connect()" of the original: open a connection up front.
@@ -110,14 +142,15 @@ class PerRequestEngine:
 class SharedEngine:
     """Optimized: one engine per process, owned by the app's lifespan."""
 
-    def __init__(self, url: str, stats: EngineStats) -> None:
+    def __init__(self, url: str, stats: EngineStats, **options: object) -> None:
         self.url = url
         self.stats = stats
+        self.options = options
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
 
     async def start(self) -> None:
-        self._engine = make_engine(self.url, self.stats)
+        self._engine = make_engine(self.url, self.stats, **self.options)
         self.stats.engines_by_module["app"] += 1
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
 
@@ -143,5 +176,8 @@ class SharedEngine:
 Database = PerRequestEngine | SharedEngine
 
 
-def database_for(naive: bool, url: str, stats: EngineStats) -> Database:
-    return PerRequestEngine(url, stats) if naive else SharedEngine(url, stats)
+def database_for(
+    naive: bool, url: str, stats: EngineStats, pool: str = "sqlalchemy"
+) -> Database:
+    kind = PerRequestEngine if naive else SharedEngine
+    return kind(url, stats, **pool_options(pool))
