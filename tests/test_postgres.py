@@ -1,0 +1,292 @@
+"""The suite on PostgreSQL: a dataset loaded into it, every route served from
+it, the naive client's connection per request seen from the server's side,
+and the sampler of the server's memory.
+
+The server is the one ``MEMBENCH_PG_URL`` names (``.ci/postgres.sh start``
+prints it); each test session works in a private database of its own, created
+and dropped here, so the role needs CREATEDB. Without a reachable server these
+tests skip, except under ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from benchmarks.pgstats import (
+    CSV_FIELDS,
+    PgSampler,
+    asyncpg_dsn,
+    is_postgres,
+)
+from benchmarks.serverproc import membench_command
+from reference_impl.errors import UsageError
+from reference_impl.patterns.client import pool_options, prisma_pool_size
+
+DEFAULT_PG_URL = "postgresql+asyncpg://membench:membench@127.0.0.1:55432/membench"
+
+needs_postgres = pytest.mark.postgres
+
+#: Read routes, with paths the dataset's second patient makes valid.
+READ_ROUTES = [
+    "/api/patients",
+    "/api/patients?page=2&limit=5",
+    "/api/patients/2",
+    "/api/patients/2/images",
+    "/api/invoices?limit=5",
+    "/api/exchange-rate?currency=EUR",
+]
+
+#: Tables of the clinic and the manifest count each one holds.
+TABLE_COUNTS = {
+    "patients": "patients",
+    "radiology_images": "images",
+    "invoices": "invoices",
+    "invoice_items": "invoice_items",
+    "exchange_rates": "exchange_rates",
+    "users": "users",
+}
+
+
+def run_sql(url: str, *statements: str) -> list:
+    """Run statements on one fresh connection; the rows of the last one."""
+    import asyncpg
+
+    async def run() -> list:
+        conn = await asyncpg.connect(asyncpg_dsn(url), timeout=5)
+        try:
+            for statement in statements[:-1]:
+                await conn.execute(statement)
+            return await conn.fetch(statements[-1])
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """The server's URL, once it answered; skip (fail in CI) when none does."""
+    url = os.environ.get("MEMBENCH_PG_URL", DEFAULT_PG_URL)
+    try:
+        run_sql(url, "SELECT 1")
+    except Exception as exc:
+        reason = (
+            f"no PostgreSQL server answers at {make_url(url)!r} ({exc}); start one "
+            f"with 'eval \"$(.ci/postgres.sh start)\"' or set MEMBENCH_PG_URL"
+        )
+        if in_ci():
+            pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_db(pg_url: str) -> Iterator[str]:
+    """The URL of a private database, dropped when the session ends."""
+    name = f"membench_test_{secrets.token_hex(4)}"
+    run_sql(pg_url, f"CREATE DATABASE {name}")
+    try:
+        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        run_sql(pg_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def pg_dataset(pg_db: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``ci`` dataset loaded into PostgreSQL by ``membench dataset build``."""
+    out = tmp_path_factory.mktemp("pg") / "ci"
+    command = membench_command(
+        "dataset", "build", "--preset", "ci", "--out", str(out), "--db", pg_db
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def sessions(pg_url: str, database: str) -> int:
+    """Connections the server has accepted into ``database`` so far."""
+    rows = run_sql(
+        pg_url,
+        f"SELECT sessions FROM pg_stat_database WHERE datname = '{database}'",
+    )
+    return rows[0]["sessions"]
+
+
+def sessions_after(pg_url: str, database: str, at_least: int) -> int:
+    """``sessions``, polled until it reaches ``at_least`` or 5 s pass: a backend
+    reports its session when it exits, shortly after the client hung up."""
+    for _ in range(100):
+        count = sessions(pg_url, database)
+        if count >= at_least:
+            return count
+        asyncio.run(asyncio.sleep(0.05))
+    return count
+
+
+def test_pool_sizings():
+    assert pool_options("sqlalchemy") == {}
+    assert pool_options("prisma") == {
+        "pool_size": prisma_pool_size(),
+        "max_overflow": 0,
+    }
+    assert prisma_pool_size() % 2 == 1
+    assert pool_options("3") == {"pool_size": 3, "max_overflow": 0}
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(UsageError, match=repr(bad)):
+            pool_options(bad)
+
+
+def test_postgres_urls_are_told_apart_and_made_asyncpg_dsns():
+    assert is_postgres("postgresql+asyncpg://u:p@127.0.0.1:5432/db")
+    assert is_postgres("postgresql+psycopg://u@h/db")
+    assert not is_postgres("sqlite+aiosqlite:///clinic.db")
+    assert not is_postgres(None)
+    assert (
+        asyncpg_dsn("postgresql+asyncpg://u:p@127.0.0.1:5432/db")
+        == "postgresql://u:p@127.0.0.1:5432/db"
+    )
+
+
+@needs_postgres
+def test_dataset_build_loads_every_row_into_postgres(pg_dataset, pg_db, ci_dataset):
+    manifest = json.loads((pg_dataset / "manifest.json").read_text())
+    same_seed = json.loads((ci_dataset / "manifest.json").read_text())
+    assert manifest["db_url"] == pg_db
+    assert manifest["counts"] == same_seed["counts"]
+    for table, key in TABLE_COUNTS.items():
+        rows = run_sql(pg_db, f"SELECT count(*) AS n FROM {table}")
+        assert rows[0]["n"] == manifest["counts"][key], table
+    assert any((pg_dataset / manifest["images"]).iterdir())
+
+
+@needs_postgres
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", ["naive", "optimized"])
+def test_every_route_answers_from_postgres_as_from_sqlite(
+    serve_app, pg_dataset, ci_dataset, variant
+):
+    manifest = json.loads((pg_dataset / "manifest.json").read_text())
+    on_pg = serve_app(variant, dataset=pg_dataset)
+    on_sqlite = serve_app(variant, dataset=ci_dataset)
+    with (
+        httpx.Client(base_url=on_pg, timeout=30) as pg,
+        httpx.Client(base_url=on_sqlite, timeout=30) as lite,
+    ):
+        for path in READ_ROUTES:
+            answer = pg.get(path)
+            assert answer.status_code == 200, (path, answer.text)
+            assert answer.json() == lite.get(path).json(), path
+        login = pg.post("/api/auth/login", json=manifest["login"])
+        assert login.status_code == 200, login.text
+        refused = pg.post(
+            "/api/auth/login", json={**manifest["login"], "password": "wrong"}
+        )
+        assert refused.status_code == 401
+
+
+@needs_postgres
+@pytest.mark.integration
+@pytest.mark.parametrize(("naive", "per_request"), [(True, True), (False, False)])
+def test_the_naive_client_opens_a_server_connection_per_request(
+    serve_app, pg_dataset, pg_url, pg_db, naive, per_request
+):
+    database = make_url(pg_db).database
+    base = serve_app("optimized", dataset=pg_dataset, naive=["client"] if naive else [])
+    before = sessions(pg_url, database)
+    requests = 12
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for _ in range(requests):
+            response = client.get("/api/exchange-rate?currency=EUR")
+            assert response.status_code == 200, response.text
+        opened = client.get("/debug/stats").json()["database"]["connectionsOpened"]
+    accepted = sessions_after(pg_url, database, before + requests) - before
+    if per_request:
+        assert opened == requests
+        assert accepted >= requests
+    else:
+        # One pooled connection serves requests that come one at a time.
+        assert opened == 1
+        assert accepted <= 1
+
+
+@needs_postgres
+@pytest.mark.integration
+def test_a_prisma_sized_pool_caps_the_server_connections(
+    serve_app, pg_dataset, pg_url, pg_db
+):
+    cap = prisma_pool_size()
+    concurrency = cap + 3
+    base = serve_app("optimized", dataset=pg_dataset, extra=["--pool-size", "prisma"])
+    with (
+        PgSampler(pg_db, interval_s=0.02) as sampler,
+        httpx.Client(base_url=base, timeout=60) as client,
+        ThreadPoolExecutor(concurrency) as pool,
+    ):
+        statuses = list(
+            pool.map(
+                lambda _: client.get("/api/invoices?limit=20").status_code,
+                range(concurrency * 6),
+            )
+        )
+        opened = client.get("/debug/stats").json()["database"]["connectionsOpened"]
+    assert statuses == [200] * len(statuses)
+    assert 1 <= opened <= cap
+    assert sampler.summary()["connections_max"] <= cap
+
+
+@needs_postgres
+def test_the_sampler_counts_connections_and_their_backends_memory(pg_db, tmp_path):
+    import asyncpg
+
+    held = 3
+
+    async def hold_connections(sampler: PgSampler) -> list[int]:
+        conns = [
+            await asyncpg.connect(asyncpg_dsn(pg_db), timeout=5) for _ in range(held)
+        ]
+        pids = [await conn.fetchval("SELECT pg_backend_pid()") for conn in conns]
+        seen = len(sampler.samples)
+        for _ in range(200):
+            if any(s.connections == held for s in sampler.samples[seen:]):
+                break
+            await asyncio.sleep(0.02)
+        for conn in conns:
+            await conn.close()
+        for _ in range(200):
+            if sampler.samples[-1].connections == 0:
+                break
+            await asyncio.sleep(0.02)
+        return pids
+
+    with PgSampler(pg_db, interval_s=0.02) as sampler:
+        pids = asyncio.run(hold_connections(sampler))
+    summary = sampler.summary()
+    assert summary["connections_max"] == held
+    assert summary["connections_end"] == 0
+    assert set(pids) <= sampler.backend_pids_seen
+    busiest = max(sampler.samples, key=lambda s: s.connections)
+    # An idle backend holds a few MiB of its own and more it shares.
+    assert 1 < busiest.backends_rss_mib / held < 200
+    assert 0 < busiest.backends_anon_mib <= busiest.backends_rss_mib
+    assert busiest.server_rss_mib > busiest.backends_rss_mib
+    assert busiest.server_processes >= held + 2
+    assert summary["sampler"]["samples"] == len(sampler.samples)
+    sampler.write_csv(tmp_path / "pg.csv")
+    lines = (tmp_path / "pg.csv").read_text().splitlines()
+    assert lines[0] == ",".join(CSV_FIELDS)
+    assert len(lines) == len(sampler.samples) + 1
