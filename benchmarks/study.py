@@ -1,0 +1,345 @@
+"""What a notebook measures and keeps: runs through the harness, read back as
+arrays, figures and results written to the notebook's output folder.
+
+A notebook makes one ``Study``; ``study.measure(...)`` runs ``membench run``
+(through :func:`benchmarks.runner.run_scenario`) into
+``OUT/<notebook>/runs/`` and returns the runs it made, one per repeat.
+``study.show(fig, name)`` writes ``OUT/<notebook>/<name>.png`` and displays
+it; ``study.claim(...)`` and ``study.value(...)`` fill
+``OUT/<notebook>/results.json``, which the HTML report reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import charts
+
+log = logging.getLogger("benchmarks")
+
+VERDICTS = ("confirmed", "partly", "refuted", "not measured")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder: ``run.json`` and the CSV files beside it."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        path = Path(path)
+        return cls(path, json.loads((path / "run.json").read_text()))
+
+    @property
+    def scenario(self) -> str:
+        return self.meta["scenario"]
+
+    @property
+    def variant(self) -> str:
+        return self.meta["variant"]
+
+    @property
+    def naive_patterns(self) -> tuple[str, ...]:
+        if self.variant == "naive":
+            return ()
+        return tuple(self.meta.get("naive_patterns") or ())
+
+    @property
+    def label(self) -> str:
+        return charts.label(self.variant, self.naive_patterns)
+
+    @property
+    def colour(self) -> str:
+        return charts.colour(self.variant, self.naive_patterns)
+
+    def rss_value(self, key: str) -> float:
+        return float(self.meta["rss_mib"][key])
+
+    @property
+    def peak_mib(self) -> float:
+        return self.rss_value("peak")
+
+    @property
+    def baseline_mib(self) -> float:
+        return self.rss_value("baseline")
+
+    @property
+    def end_mib(self) -> float:
+        return self.rss_value("end")
+
+    @property
+    def hwm_mib(self) -> float:
+        return self.rss_value("hwm")
+
+    @property
+    def growth_mib(self) -> float:
+        """Peak RSS over the idle server's baseline."""
+        return self.peak_mib - self.baseline_mib
+
+    def latency_value(self, key: str) -> float:
+        value = self.meta["latency_ms"].get(key)
+        return float("nan") if value is None else float(value)
+
+    @property
+    def throughput_rps(self) -> float:
+        return float(self.meta.get("throughput_rps") or 0.0)
+
+    @property
+    def ok(self) -> int:
+        return int(self.meta["requests"]["ok"])
+
+    @property
+    def failed(self) -> int:
+        return int(self.meta["requests"]["failed"])
+
+    def table(self, name: str) -> dict[str, np.ndarray]:
+        """A CSV of the run as one array per column (numbers where they parse)."""
+        path = self.path / name
+        if not path.is_file():
+            return {}
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            return {}
+        return {key: _column([row[key] for row in rows]) for key in rows[0]}
+
+    @cached_property
+    def rss(self) -> dict[str, np.ndarray]:
+        """``t_s`` and ``rss_mib``, one entry per sample."""
+        return self.table("rss.csv")
+
+    @cached_property
+    def latency(self) -> dict[str, np.ndarray]:
+        """``t_s``, ``route``, ``status``, ``latency_ms``, one entry per request."""
+        return self.table("latency.csv")
+
+    @cached_property
+    def proc(self) -> dict[str, np.ndarray]:
+        """Threads, open files (and whatever else was sampled) over time."""
+        return self.table("proc.csv")
+
+
+def _column(values: list[str]) -> np.ndarray:
+    try:
+        return np.array([float(v) if v != "" else np.nan for v in values])
+    except ValueError:
+        return np.array(values)
+
+
+@dataclass
+class Runs:
+    """The repeats of one measurement; figures use the median and the range."""
+
+    runs: list[Run]
+
+    def __iter__(self):
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def label(self) -> str:
+        return self.first.label
+
+    @property
+    def colour(self) -> str:
+        return self.first.colour
+
+    def values(self, attr: str) -> list[float]:
+        return [float(getattr(run, attr)) for run in self.runs]
+
+    def median(self, attr: str) -> float:
+        return float(statistics.median(self.values(attr)))
+
+    def spread(self, attr: str) -> tuple[float, float]:
+        values = self.values(attr)
+        return min(values), max(values)
+
+    def latency(self, key: str) -> float:
+        return float(statistics.median(r.latency_value(key) for r in self.runs))
+
+
+@dataclass
+class Study:
+    """One notebook's measurements and what it concludes from them."""
+
+    name: str
+    preset: str
+    out_dir: Path
+    repeats: int = 1
+    claims: list[dict[str, Any]] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir).resolve() / self.name
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.out_dir / "runs"
+
+    def measure(
+        self,
+        scenario: str,
+        variant: str,
+        naive: Sequence[str] = (),
+        overrides: dict[str, Any] | None = None,
+        repeats: int | None = None,
+        tag: str = "",
+    ) -> Runs:
+        """Run ``membench run`` for one scenario and variant at this preset."""
+        from benchmarks import runner
+
+        folder = self.runs_dir / run_key(scenario, variant, naive, overrides, tag)
+        results = runner.run_scenario(
+            scenario,
+            variant,
+            self.preset,
+            naive=tuple(naive),
+            out=folder,
+            repeat=repeats or self.repeats,
+            overrides=dict(overrides or {}),
+        )
+        return Runs([Run.load(result_path(result)) for result in results])
+
+    def show(self, fig, name: str) -> Path:
+        """Save the figure as ``<name>.png`` and display it once."""
+        import matplotlib.pyplot as plt
+
+        path = self.out_dir / f"{name}.png"
+        charts.save(fig, path)
+        if name not in self.figures:
+            self.figures.append(name)
+        plt.show()
+        return path
+
+    def value(self, key: str, value: Any) -> Any:
+        """Keep a measured number in the results; returns it unchanged."""
+        self.values[key] = value
+        return value
+
+    def add_summary(self, scenario: str, naive: Runs, optimized: Runs, **extra) -> None:
+        """One row of the report's summary table: peaks of the two variants."""
+        peak_naive = naive.median("peak_mib")
+        peak_optimized = optimized.median("peak_mib")
+        self.summary.append(
+            {
+                "scenario": scenario,
+                "peak_naive_mib": round(peak_naive, 1),
+                "peak_optimized_mib": round(peak_optimized, 1),
+                "peak_ratio": round(peak_naive / peak_optimized, 2),
+                "growth_naive_mib": round(naive.median("growth_mib"), 1),
+                "growth_optimized_mib": round(optimized.median("growth_mib"), 1),
+                **extra,
+            }
+        )
+
+    def claim(
+        self, claim: str, verdict: str, measured: str, figure: str | None = None
+    ) -> dict[str, Any]:
+        """A claim of the original, what was measured against it, and where."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+        entry = {
+            "claim": claim,
+            "verdict": verdict,
+            "measured": measured,
+            "figure": f"{figure}.png" if figure else None,
+            "preset": self.preset,
+        }
+        self.claims.append(entry)
+        return entry
+
+    def save(self) -> Path:
+        """Write ``results.json``: the summary rows, claims, values, figures."""
+        path = self.out_dir / "results.json"
+        document = {
+            "notebook": self.name,
+            "preset": self.preset,
+            "repeats": self.repeats,
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "summary": self.summary,
+            "claims": self.claims,
+            "values": self.values,
+            "figures": [f"{name}.png" for name in self.figures],
+        }
+        path.write_text(json.dumps(document, indent=2, default=_jsonable) + "\n")
+        return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def run_key(
+    scenario: str,
+    variant: str,
+    naive: Iterable[str] = (),
+    overrides: dict[str, Any] | None = None,
+    tag: str = "",
+) -> str:
+    """A folder name that tells the run apart: ``listing-optimized-naive-upload``
+    plus a short digest of the overrides."""
+    parts = [scenario, variant]
+    if naive:
+        parts += ["naive", *sorted(naive)]
+    if tag:
+        parts.append(tag)
+    if overrides:
+        digest = hashlib.sha1(
+            json.dumps(overrides, sort_keys=True, default=str).encode()
+        ).hexdigest()[:8]
+        parts.append(digest)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
+
+
+def result_path(result: Any) -> Path:
+    """The run folder of one harness result (a path, or a dict naming it)."""
+    if isinstance(result, str | Path):
+        return Path(result)
+    if isinstance(result, dict):
+        for key in ("path", "folder", "dir", "run_dir"):
+            if key in result:
+                return Path(result[key])
+    for attr in ("path", "folder", "run_dir"):
+        if hasattr(result, attr):
+            return Path(getattr(result, attr))
+    raise TypeError(f"cannot find the run folder of {result!r}")
+
+
+def verdict(measured_ratio: float, confirm_at: float, partly_at: float = 1.0) -> str:
+    """``confirmed`` when the improvement (as a ratio, > 1 is better) reaches
+    ``confirm_at``, ``partly`` when it is at least ``partly_at``."""
+    if measured_ratio >= confirm_at:
+        return "confirmed"
+    if measured_ratio > partly_at:
+        return "partly"
+    return "refuted"
