@@ -123,8 +123,8 @@ class PgSampler:
 
     Use as a context manager, or call ``start()`` and ``stop()``. The thread
     runs its own event loop with one asyncpg connection, so it neither shares
-    nor slows the caller's loop. ``t0`` (a ``time.perf_counter()`` value)
-    lets its times line up with another sampler's.
+    nor slows the caller's loop. ``t0``, a ``time.monotonic()`` reading as
+    ``benchmarks.sampler`` takes, lines its times up with the RSS samples.
     """
 
     def __init__(
@@ -145,7 +145,7 @@ class PgSampler:
 
     def start(self, timeout_s: float = 10.0) -> PgSampler:
         if self.t0 is None:
-            self.t0 = time.perf_counter()
+            self.t0 = time.monotonic()
         self._thread = threading.Thread(target=self._main, name="pgstats", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
@@ -202,7 +202,7 @@ class PgSampler:
         self.backend_pids_seen.update(clients)
         assert self.postmaster_pid is not None and self.t0 is not None
         self.samples.append(
-            read_server(time.perf_counter() - self.t0, self.postmaster_pid, clients)
+            read_server(time.monotonic() - self.t0, self.postmaster_pid, clients)
         )
 
     def summary(self) -> dict[str, Any]:
