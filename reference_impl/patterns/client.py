@@ -25,7 +25,9 @@ from sqlalchemy.ext.asyncio import (
 
 from reference_impl.errors import UsageError
 
-#: Seconds an SQLite connection waits on a locked database before failing.
+#: Seconds an SQLite connection waits on a locked database before failing;
+#: the environment variable ``MEMBENCH_SQLITE_BUSY_TIMEOUT_S`` overrides it
+#: (tests of lock contention lower it so they need not wait 5 s).
 SQLITE_BUSY_TIMEOUT_S = 5.0
 
 #: Named pool sizings; a number N is also a sizing (N connections, no overflow).
@@ -87,7 +89,10 @@ class EngineStats:
 def make_engine(url: str, stats: EngineStats, **kwargs: object) -> AsyncEngine:
     """The one place engines are built, so both forms configure them alike."""
     if url.startswith("sqlite"):
-        kwargs.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_S})
+        timeout_s = float(
+            os.environ.get("MEMBENCH_SQLITE_BUSY_TIMEOUT_S", SQLITE_BUSY_TIMEOUT_S)
+        )
+        kwargs.setdefault("connect_args", {"timeout": timeout_s})
     engine = create_async_engine(url, **kwargs)
     stats._count("engines_created")
     sync = engine.sync_engine
