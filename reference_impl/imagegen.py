@@ -124,8 +124,21 @@ def _texture(image: Image.Image, rng: random.Random, kind: Kind) -> Image.Image:
 # -- drawings --------------------------------------------------------------
 
 # Mesio-distal widths of the teeth of a quadrant, central incisor to third
-# molar, relative to a molar.
+# molar, relative to a first molar.
 TOOTH_WIDTHS = (0.78, 0.62, 0.7, 0.66, 0.66, 1.0, 0.95, 0.88)
+
+# Half-width of a crown (as a fraction of half the tooth's width) at depths
+# from the biting edge (as a fraction of the crown's height).
+CROWN_PROFILE = ((0.0, 0.72), (0.12, 0.92), (0.45, 1.0), (0.8, 0.9), (1.0, 0.78))
+
+Point = tuple[float, float]
+
+
+def _outline(x: float, y: Callable[[float], float], profile) -> list[Point]:
+    """A closed outline symmetric about ``x`` from (depth, half-width) pairs."""
+    left = [(x - hw, y(d)) for d, hw in profile]
+    right = [(x + hw, y(d)) for d, hw in reversed(profile)]
+    return left + right
 
 
 def _tooth(
@@ -138,65 +151,106 @@ def _tooth(
     crown: float,
     root: float,
     roots: int,
+    pdl: float = 0.0,
 ) -> None:
-    """One tooth whose biting edge is at ``y_edge``; ``direction`` +1 grows down."""
+    """One tooth whose biting edge is at ``y_edge``; ``direction`` +1 grows down.
+
+    Enamel cap over dentin, a pulp chamber and a canal per root; ``pdl`` > 0
+    draws the periodontal ligament (dark) and lamina dura (bright) around
+    the roots, as a periapical shows them.
+    """
 
     def y(depth: float) -> float:
         return y_edge + direction * depth
 
-    cej = y(crown)
     half = width / 2
+    dentin = rng.randint(160, 182)
+    root_shapes = []
     for i in range(roots):
-        offset = (i - (roots - 1) / 2) * width / max(roots, 1) * 0.8
-        rx = x + offset
-        rw = width / roots * 0.42
-        tip = y(crown + root * rng.uniform(0.85, 1.05))
-        bend = rng.uniform(-0.12, 0.12) * width
+        spread = (i - (roots - 1) / 2) * 0.9 * half
+        rx = x + spread
+        top = half * (0.72 if roots == 1 else 0.4)
+        length = root * rng.uniform(0.88, 1.04)
+        bend = rng.uniform(-0.15, 0.15) * half + spread * 0.25
+        shape = [
+            (0.0, top),
+            (0.35 * length, top * 0.82),
+            (0.75 * length, top * 0.5),
+            (length, top * 0.14),
+        ]
+        root_shapes.append((rx, bend, shape, length))
+    for margin, fill in ((2 * pdl, 128), (pdl, 62)) if pdl else ():
+        for rx, bend, shape, _ in root_shapes:
+            grown = [(d, hw + margin) for d, hw in shape[:-1]]
+            grown.append((shape[-1][0] + margin, shape[-1][1] + margin))
+            draw.polygon(
+                _bent(
+                    _outline(rx, lambda d: y(crown + d), grown),
+                    x,
+                    y(crown),
+                    bend,
+                    direction,
+                    root,
+                ),
+                fill=fill,
+            )
+    for rx, bend, shape, length in root_shapes:
         draw.polygon(
-            [
-                (rx - rw, cej),
-                (rx + rw, cej),
-                (rx + rw * 0.25 + bend, tip),
-                (rx - rw * 0.25 + bend, tip),
-            ],
-            fill=rng.randint(165, 185),
+            _bent(
+                _outline(rx, lambda d: y(crown + d), shape),
+                x,
+                y(crown),
+                bend,
+                direction,
+                root,
+            ),
+            fill=dentin,
         )
-        canal = rw * 0.22
+        canal = [(0.0, half * 0.09), (0.95 * length, half * 0.03)]
         draw.polygon(
-            [(rx - canal, cej), (rx + canal, cej), (rx + bend, tip)],
-            fill=rng.randint(105, 125),
+            _bent(
+                _outline(rx, lambda d: y(crown + d), canal),
+                x,
+                y(crown),
+                bend,
+                direction,
+                root,
+            ),
+            fill=dentin - rng.randint(38, 52),
         )
-    top, bottom = sorted((y_edge, cej))
-    draw.rounded_rectangle(
-        (x - half, top, x + half, bottom),
-        radius=max(1, width * 0.3),
-        fill=rng.randint(212, 232),
-    )
-    pulp_top, pulp_bottom = sorted((y(crown * 0.45), y(crown * 1.05)))
+    profile = [(d * crown, hw * half) for d, hw in CROWN_PROFILE]
+    draw.polygon(_outline(x, y, profile), fill=rng.randint(214, 232))
+    core = [
+        (crown * 0.32, half * 0.55),
+        (crown * 0.7, half * 0.66),
+        (crown, half * 0.7),
+    ]
+    draw.polygon(_outline(x, y, core), fill=dentin)
+    chamber_top, chamber_bottom = sorted((y(crown * 0.55), y(crown * 1.08)))
     draw.ellipse(
-        (x - half * 0.35, pulp_top, x + half * 0.35, pulp_bottom),
-        fill=rng.randint(120, 140),
+        (x - half * 0.3, chamber_top, x + half * 0.3, chamber_bottom),
+        fill=dentin - rng.randint(36, 50),
     )
     roll = rng.random()
-    if roll < 0.18:  # a filling on the biting surface
-        fill_top, fill_bottom = sorted(
-            (y(crown * 0.02), y(crown * rng.uniform(0.3, 0.5)))
+    if roll < 0.16:  # a filling on the biting surface
+        top, bottom = sorted((y(crown * 0.02), y(crown * rng.uniform(0.3, 0.5))))
+        spread = half * rng.uniform(0.35, 0.7)
+        draw.rounded_rectangle(
+            (x - spread, top, x + spread, bottom), radius=spread * 0.4, fill=252
         )
-        draw.ellipse(
-            (
-                x - half * rng.uniform(0.4, 0.8),
-                fill_top,
-                x + half * rng.uniform(0.4, 0.8),
-                fill_bottom,
-            ),
-            fill=252,
-        )
-    elif roll < 0.26:  # caries: a dark notch at a contact
+    elif roll < 0.24:  # caries: a dark notch under a contact
         side = rng.choice((-1, 1))
-        cy = y(crown * rng.uniform(0.25, 0.6))
-        r = width * rng.uniform(0.08, 0.16)
-        cx = x + side * half * 0.8
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rng.randint(70, 100))
+        cy = y(crown * rng.uniform(0.25, 0.55))
+        r = width * rng.uniform(0.06, 0.12)
+        cx = x + side * half * 0.85
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rng.randint(80, 110))
+
+
+def _bent(
+    points: list[Point], x0: float, y0: float, bend: float, direction: int, span: float
+) -> list[Point]:
+    """Shift points sideways in proportion to their depth below ``y0``."""
+    return [(px + bend * abs(py - y0) / max(span, 1.0), py) for px, py in points]
 
 
 def _arch_row(
@@ -218,72 +272,102 @@ def _arch_row(
         missing = rng.random() < (0.45 if position == 0 else 0.04)
         if not missing:
             molar = position <= 2
+            roots = 2 if molar else 1
             _tooth(
                 draw,
                 rng,
                 x + w / 2,
                 edge(x + w / 2),
                 direction,
-                w * 0.9,
-                scale * (0.10 if molar else 0.11),
-                scale * (0.17 if molar else 0.2),
-                2 if molar else 1,
+                w * 0.97,
+                scale * (0.095 if molar else 0.105),
+                scale * (0.16 if molar else 0.2),
+                roots,
             )
         x += w
+
+
+def _mirrored(points: list[Point], w: int, h: int) -> tuple[list[Point], list[Point]]:
+    left = [(u * w, v * h) for u, v in points]
+    right = [((1 - u) * w, v * h) for u, v in points]
+    return left, right
+
+
+# Half a mandible in a panoramic, (x, y) as fractions of the image: the lower
+# border from the chin to the condyle, then back along the ramus and the
+# alveolar crest.
+MANDIBLE_HALF = (
+    (0.5, 0.97),
+    (0.38, 0.955),
+    (0.26, 0.91),
+    (0.17, 0.84),
+    (0.115, 0.75),
+    (0.1, 0.58),
+    (0.11, 0.36),
+    (0.125, 0.17),
+    (0.155, 0.15),
+    (0.165, 0.24),
+    (0.19, 0.2),
+    (0.205, 0.22),
+    (0.215, 0.36),
+    (0.24, 0.5),
+    (0.3, 0.57),
+    (0.5, 0.6),
+)
 
 
 def _panoramic(size: tuple[int, int], rng: random.Random) -> Image.Image:
     w, h = size
     img = Image.new("L", size, 22)
     d = ImageDraw.Draw(img)
-    d.ellipse((0.04 * w, -0.15 * h, 0.96 * w, 0.8 * h), fill=62)
-    # Mandible: a thick U from one condyle to the other.
+    d.ellipse((0.05 * w, -0.2 * h, 0.95 * w, 0.78 * h), fill=58)
+    d.ellipse((0.17 * w, 0.2 * h, 0.83 * w, 0.62 * h), fill=92)  # maxilla
+    for x in (0.31, 0.69):  # maxillary sinuses
+        d.ellipse(((x - 0.1) * w, 0.12 * h, (x + 0.1) * w, 0.3 * h), fill=46)
+    d.ellipse((0.42 * w, 0.08 * h, 0.58 * w, 0.3 * h), fill=34)  # nasal cavity
+    d.line([(0.5 * w, 0.08 * h), (0.5 * w, 0.3 * h)], fill=96, width=max(1, w // 300))
+    for half in _mirrored(list(MANDIBLE_HALF), w, h):
+        d.polygon(half, fill=rng.randint(106, 116))
+    for u in (0.14, 0.86):  # condyles
+        d.ellipse(((u - 0.022) * w, 0.1 * h, (u + 0.022) * w, 0.19 * h), fill=120)
+    # Airway and tongue shadow across the rami.
     d.arc(
-        (0.09 * w, -0.45 * h, 0.91 * w, 0.95 * h), 0, 180, fill=112, width=int(0.3 * h)
+        (0.12 * w, 0.12 * h, 0.88 * w, 0.7 * h),
+        200,
+        340,
+        fill=72,
+        width=max(1, int(0.025 * h)),
     )
-    for side in (0.13, 0.87):
-        d.line(
-            [(side * w, 0.62 * h), (side * w, 0.2 * h)], fill=105, width=int(0.09 * w)
-        )
-        d.ellipse(((side - 0.03) * w, 0.1 * h, (side + 0.03) * w, 0.22 * h), fill=118)
-    # Airway and tongue shadow, sinuses, nasal cavity, palate.
-    d.arc((0.2 * w, 0.05 * h, 0.8 * w, 0.75 * h), 20, 160, fill=40, width=int(0.04 * h))
-    for x in (0.3, 0.7):
-        d.ellipse(((x - 0.1) * w, 0.12 * h, (x + 0.1) * w, 0.36 * h), fill=38)
-    d.ellipse((0.43 * w, 0.05 * h, 0.57 * w, 0.33 * h), fill=30)
-    d.line([(0.26 * w, 0.39 * h), (0.74 * w, 0.39 * h)], fill=150, width=int(0.018 * h))
-    # Mandibular canals.
-    for box in ((0.12, 0.48), (0.52, 0.88)):
+    for box in ((0.13, 0.5), (0.5, 0.87)):  # mandibular canals
         d.arc(
-            (box[0] * w, 0.25 * h, box[1] * w, 0.8 * h),
-            10,
-            170,
-            fill=80,
-            width=max(1, int(0.012 * h)),
+            (box[0] * w, 0.3 * h, box[1] * w, 0.86 * h),
+            15,
+            165,
+            fill=82,
+            width=max(1, int(0.01 * h)),
         )
 
     def occlusal(x: float) -> float:
         u = (x - w / 2) / (0.32 * w)
-        return h * (0.53 + 0.05 * (1 - u * u))
+        return h * (0.52 + 0.05 * (1 - u * u))
 
-    gap = 0.012 * h
-    _arch_row(d, rng, 0.18 * w, 0.82 * w, lambda x: occlusal(x) - gap, -1, h)
-    _arch_row(d, rng, 0.2 * w, 0.8 * w, lambda x: occlusal(x) + gap, 1, h)
-    img = img.filter(ImageFilter.GaussianBlur(max(1.0, 0.0022 * w)))
+    gap = 0.01 * h
+    _arch_row(d, rng, 0.2 * w, 0.8 * w, lambda x: occlusal(x) - gap, -1, h)
+    _arch_row(d, rng, 0.215 * w, 0.785 * w, lambda x: occlusal(x) + gap, 1, h)
+    img = img.filter(ImageFilter.GaussianBlur(max(1.0, 0.0018 * w)))
     # The spine's ghost: a soft lighter band down the middle.
     ghost = Image.new("L", size, 0)
-    ImageDraw.Draw(ghost).rectangle((0.45 * w, 0, 0.55 * w, h), fill=34)
+    ImageDraw.Draw(ghost).rectangle((0.45 * w, 0, 0.55 * w, h), fill=30)
     ghost = ghost.filter(ImageFilter.GaussianBlur(0.03 * w))
     return ImageChops.add(img, ghost)
 
 
 def _bitewing(size: tuple[int, int], rng: random.Random) -> Image.Image:
     w, h = size
-    img = Image.new("L", size, 18)
+    img = Image.new("L", size, 44)
     d = ImageDraw.Draw(img)
-    d.rectangle((0, 0, w, 0.3 * h), fill=92)
-    d.rectangle((0, 0.7 * h, w, h), fill=96)
-    d.rectangle((0, 0.3 * h, w, 0.7 * h), fill=48)
+    d.rectangle((0, 0, w, 0.22 * h), fill=94)  # alveolar bone above and below
+    d.rectangle((0, 0.78 * h, w, h), fill=98)
     tilt = rng.uniform(-0.04, 0.04) * h
     widths = [rng.choice((0.66, 0.7)), 0.66, 1.0, 0.95, 0.88]
     unit = 1.05 * w / sum(widths)
@@ -292,61 +376,39 @@ def _bitewing(size: tuple[int, int], rng: random.Random) -> Image.Image:
         for rel in widths:
             tw = rel * unit
             cx = x + tw / 2
-            edge = h / 2 + tilt * (cx / w - 0.5) + direction * 0.012 * h
-            molar = rel > 0.8
-            _tooth(
-                d,
-                rng,
-                cx,
-                edge,
-                direction,
-                tw * 0.92,
-                0.26 * h,
-                0.3 * h,
-                2 if molar else 1,
-            )
+            edge = h / 2 + tilt * (cx / w - 0.5) + direction * 0.01 * h
+            roots = 2 if rel > 0.8 else 1
+            _tooth(d, rng, cx, edge, direction, tw * 0.97, 0.26 * h, 0.34 * h, roots)
             x += tw
-    img = img.filter(ImageFilter.GaussianBlur(max(1.0, 0.003 * w)))
+    img = img.filter(ImageFilter.GaussianBlur(max(1.0, 0.0025 * w)))
     return _sensor_corners(img, 0.06)
 
 
 def _periapical(size: tuple[int, int], rng: random.Random) -> Image.Image:
     w, h = size
-    img = Image.new("L", size, 96)
+    img = Image.new("L", size, 98)
     d = ImageDraw.Draw(img)
     direction = rng.choice((-1, 1))
-    edge = 0.02 * h if direction == 1 else 0.98 * h
-    soft = (0, 0, w, 0.12 * h) if direction == 1 else (0, 0.88 * h, w, h)
-    d.rectangle(soft, fill=40)
+    edge = 0.03 * h if direction == 1 else 0.97 * h
+    soft = (0, 0, w, 0.2 * h) if direction == 1 else (0, 0.8 * h, w, h)
+    d.rectangle(soft, fill=42)
     count = rng.choice((2, 3, 3))
-    tw = w / (count + 0.4)
+    tw = w / (count + 0.3)
     for i in range(count):
-        cx = (i + 0.7) * tw + rng.uniform(-0.04, 0.04) * w
-        # Periodontal ligament: a dark rim around the root, drawn first.
-        rim = tw * 0.34
-        cej = edge + direction * 0.3 * h
-        tip = edge + direction * 0.85 * h
-        d.polygon(
-            [
-                (cx - rim, cej),
-                (cx + rim, cej),
-                (cx + rim * 0.3, tip),
-                (cx - rim * 0.3, tip),
-            ],
-            fill=70,
-        )
+        cx = (i + 0.65) * tw + rng.uniform(-0.03, 0.03) * w
         _tooth(
             d,
             rng,
             cx,
             edge,
             direction,
-            tw * 0.82,
-            0.3 * h,
-            0.52 * h,
+            tw * 0.9,
+            0.28 * h,
+            0.55 * h,
             rng.choice((1, 1, 2)),
+            pdl=max(1.0, 0.006 * w),
         )
-    img = img.filter(ImageFilter.GaussianBlur(max(1.0, 0.002 * w)))
+    img = img.filter(ImageFilter.GaussianBlur(max(1.0, 0.0018 * w)))
     return _sensor_corners(img, 0.07)
 
 
@@ -384,20 +446,22 @@ def _cephalometric(size: tuple[int, int], rng: random.Random) -> Image.Image:
         ],
         fill=52,
     )
-    # Cranial vault: a bright cortical ring.
+    # Cranial vault: a bright cortical ring; orbit; sella turcica.
     d.ellipse((0.05 * w, -0.25 * h, 0.78 * w, 0.55 * h), fill=128)
     d.ellipse((0.08 * w, -0.21 * h, 0.75 * w, 0.51 * h), fill=84)
     d.ellipse(
         (0.58 * w, 0.22 * h, 0.7 * w, 0.36 * h),
         outline=140,
         width=max(1, int(0.008 * w)),
-    )  # orbit
-    d.ellipse(
-        (0.36 * w, 0.36 * h, 0.42 * w, 0.42 * h),
+    )
+    d.chord(
+        (0.36 * w, 0.35 * h, 0.42 * w, 0.43 * h),
+        0,
+        180,
         fill=46,
         outline=150,
         width=max(1, int(0.005 * w)),
-    )  # sella turcica
+    )
     # Maxilla and mandible.
     d.polygon(
         [
@@ -421,10 +485,10 @@ def _cephalometric(size: tuple[int, int], rng: random.Random) -> Image.Image:
         ],
         fill=122,
     )
-    for i in range(5):  # upper and lower incisors and molars, side on
+    for i in range(5):  # upper and lower teeth, side on
         x = 0.58 * w + i * 0.035 * w
-        _tooth(d, rng, x, 0.635 * h, -1, 0.03 * w, 0.05 * h, 0.07 * h, 1)
-        _tooth(d, rng, x - 0.01 * w, 0.655 * h, 1, 0.03 * w, 0.05 * h, 0.08 * h, 1)
+        _tooth(d, rng, x, 0.635 * h, -1, 0.034 * w, 0.05 * h, 0.07 * h, 1)
+        _tooth(d, rng, x - 0.01 * w, 0.655 * h, 1, 0.034 * w, 0.05 * h, 0.08 * h, 1)
     for i in range(5):  # cervical vertebrae
         top = (0.55 + i * 0.09) * h
         d.rounded_rectangle(
@@ -443,14 +507,15 @@ def _cephalometric(size: tuple[int, int], rng: random.Random) -> Image.Image:
 
 def _intraoral_photo(size: tuple[int, int], rng: random.Random) -> Image.Image:
     w, h = size
-    img = Image.new("RGB", size, (198, 132, 120))
+    img = Image.new("RGB", size, (196, 138, 124))  # skin and retractors
     d = ImageDraw.Draw(img)
-    d.ellipse((0.04 * w, 0.08 * h, 0.96 * w, 0.92 * h), fill=(70, 22, 28))
-    gum = (rng.randint(200, 225), rng.randint(100, 125), rng.randint(110, 130))
-    d.ellipse((0.08 * w, 0.1 * h, 0.92 * w, 0.55 * h), fill=gum)
-    d.ellipse((0.12 * w, 0.5 * h, 0.88 * w, 0.88 * h), fill=gum)
-    d.rectangle((0.1 * w, 0.47 * h, 0.9 * w, 0.53 * h), fill=(60, 18, 24))
-    for row, (top, bottom, span) in enumerate(((0.2, 0.5, 0.78), (0.5, 0.76, 0.66))):
+    d.ellipse((0.03 * w, 0.06 * h, 0.97 * w, 0.94 * h), fill=(150, 58, 62))  # lips
+    d.ellipse((0.07 * w, 0.12 * h, 0.93 * w, 0.88 * h), fill=(64, 20, 26))
+    gum = (rng.randint(200, 222), rng.randint(102, 122), rng.randint(112, 128))
+    d.ellipse((0.1 * w, 0.13 * h, 0.9 * w, 0.56 * h), fill=gum)
+    d.ellipse((0.14 * w, 0.5 * h, 0.86 * w, 0.86 * h), fill=gum)
+    d.rectangle((0.12 * w, 0.475 * h, 0.88 * w, 0.525 * h), fill=(58, 16, 22))
+    for row, (top, bottom, span) in enumerate(((0.22, 0.5, 0.78), (0.5, 0.75, 0.66))):
         widths = [1.0 - abs(i - 4.5) * 0.13 for i in range(10)]
         unit = span * w / sum(widths)
         x = (1 - span) / 2 * w
@@ -461,20 +526,30 @@ def _intraoral_photo(size: tuple[int, int], rng: random.Random) -> Image.Image:
                 (top * h + sag, bottom * h) if row == 0 else (top * h, bottom * h - sag)
             )
             if row == 1:
-                b -= 0.04 * h * rel
-            shade = rng.randint(-14, 10)
+                b -= 0.03 * h * rel
+            shade = rng.randint(-14, 8) - round((1 - rel) * 40)
+            base = (226 + shade, 214 + shade, 186 + shade)
             d.rounded_rectangle(
-                (x + tw * 0.04, t, x + tw * 0.96, b),
-                radius=int(tw * 0.25),
-                fill=(232 + shade, 222 + shade, 196 + shade),
+                (x + tw * 0.03, t, x + tw * 0.97, b), radius=int(tw * 0.28), fill=base
             )
-            hx = x + tw * rng.uniform(0.3, 0.6)
-            hy = t + (b - t) * rng.uniform(0.3, 0.6)
+            inset = tw * 0.16
+            d.rounded_rectangle(
+                (x + inset, t + (b - t) * 0.08, x + tw - inset, b - (b - t) * 0.1),
+                radius=int(tw * 0.22),
+                fill=tuple(min(255, c + 14) for c in base),
+            )
+            gum_line = t if row == 0 else b
             d.ellipse(
-                (hx, hy, hx + tw * 0.12, hy + (b - t) * 0.1), fill=(252, 250, 245)
+                (x + tw * 0.1, gum_line - 0.02 * h, x + tw * 0.9, gum_line + 0.02 * h),
+                fill=gum,
+            )  # gingival margin
+            hx = x + tw * rng.uniform(0.3, 0.55)
+            hy = t + (b - t) * rng.uniform(0.3, 0.5)
+            d.ellipse(
+                (hx, hy, hx + tw * 0.1, hy + (b - t) * 0.08), fill=(252, 250, 245)
             )
             x += tw
-    return img.filter(ImageFilter.GaussianBlur(max(1.0, 0.0025 * w)))
+    return img.filter(ImageFilter.GaussianBlur(max(1.0, 0.002 * w)))
 
 
 DRAWINGS: dict[str, Callable[[tuple[int, int], random.Random], Image.Image]] = {
