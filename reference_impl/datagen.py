@@ -675,9 +675,11 @@ def _image_rows(
         kind = rng.choices(kinds, weights)[0]
         file = rng.choice(pool[kind])
         created = taken_at + dt.timedelta(seconds=rng.randint(20, 900))
-        analysis = None
+        row: dict[str, Any] = {}
         if analysis_bytes:
-            analysis = analysis_document(
+            # Without the key the column stays SQL NULL (None would store
+            # JSON null).
+            row["analysis"] = analysis_document(
                 analysis_rng,
                 kind,
                 file.width_px,
@@ -685,7 +687,7 @@ def _image_rows(
                 created + dt.timedelta(seconds=rng.randint(5, 120)),
                 analysis_bytes,
             )
-        rows.append(
+        row.update(
             {
                 "id": first_id + i,
                 "patient_id": patient["id"],
@@ -700,10 +702,10 @@ def _image_rows(
                 "height_px": file.height_px,
                 "taken_at": taken_at,
                 "description": f"{KIND_NAMES[kind][1]}, {rng.choice(IMAGE_PURPOSES)}",
-                "analysis": analysis,
                 "created_at": created,
             }
         )
+        rows.append(row)
     return rows
 
 
@@ -956,7 +958,7 @@ async def fill_database(
                     invoice_items=len(batch.items),
                 )
                 for row in batch.images:
-                    if row["analysis"] is not None:
+                    if "analysis" in row:
                         totals.analysis_bytes += len(_compact(row["analysis"]))
                     totals.image_row_bytes += row["size_bytes"]
                     totals.rows_by_kind[row["kind"]] += 1
