@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ai_support import running_stub
 from sqlalchemy.engine import make_url
 
 from benchmarks.pgstats import (
@@ -30,6 +32,7 @@ from benchmarks.pgstats import (
     is_postgres,
 )
 from benchmarks.serverproc import membench_command
+from reference_impl import imagegen
 from reference_impl.errors import UsageError
 from reference_impl.patterns.client import pool_options, prisma_pool_size
 
@@ -174,14 +177,20 @@ def test_dataset_build_loads_every_row_into_postgres(pg_dataset, pg_db, ci_datas
     assert any((pg_dataset / manifest["images"]).iterdir())
 
 
+@pytest.fixture(scope="module")
+def ai_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_stub(tmp_path_factory.mktemp("stub")) as url:
+        yield url
+
+
 @needs_postgres
 @pytest.mark.integration
 @pytest.mark.parametrize("variant", ["naive", "optimized"])
 def test_every_route_answers_from_postgres_as_from_sqlite(
-    serve_app, pg_dataset, ci_dataset, variant
+    serve_app, pg_dataset, pg_db, ci_dataset, ai_url, variant
 ):
     manifest = json.loads((pg_dataset / "manifest.json").read_text())
-    on_pg = serve_app(variant, dataset=pg_dataset)
+    on_pg = serve_app(variant, dataset=pg_dataset, ai_url=ai_url)
     on_sqlite = serve_app(variant, dataset=ci_dataset)
     with (
         httpx.Client(base_url=on_pg, timeout=30) as pg,
@@ -197,31 +206,73 @@ def test_every_route_answers_from_postgres_as_from_sqlite(
             "/api/auth/login", json={**manifest["login"], "password": "wrong"}
         )
         assert refused.status_code == 401
+        diagnosis = pg.post("/api/ai/dental-diagnosis", json={"patientId": 2})
+        assert diagnosis.status_code == 200, diagnosis.text
+        assert diagnosis.json()["imagesAnalyzed"] >= 1
+        image = imagegen.generate("bitewing", random.Random(7), scale=0.1)
+        upload = pg.post(
+            "/api/patients/2/images",
+            files={"file": ("scan" + image.extension, image.data, image.mime_type)},
+        )
+        assert upload.status_code == 201, upload.text
+        new_id = upload.json()["id"]
+        try:
+            listed = pg.get("/api/patients/2/images?limit=100").json()
+            rows = listed["data"] if variant == "optimized" else listed
+            assert new_id in {row["id"] for row in rows}
+        finally:
+            # The other variant compares this patient with SQLite again.
+            run_sql(pg_db, f"DELETE FROM radiology_images WHERE id = {new_id}")
 
 
-@needs_postgres
-@pytest.mark.integration
-@pytest.mark.parametrize(("naive", "per_request"), [(True, True), (False, False)])
-def test_the_naive_client_opens_a_server_connection_per_request(
-    serve_app, pg_dataset, pg_url, pg_db, naive, per_request
-):
-    database = make_url(pg_db).database
-    base = serve_app("optimized", dataset=pg_dataset, naive=["client"] if naive else [])
-    before = sessions(pg_url, database)
-    requests = 12
+def backends(pg_url: str, database: str) -> set[int]:
+    """Pids of the server processes that serve a client of ``database`` now."""
+    rows = run_sql(
+        pg_url,
+        f"SELECT pid FROM pg_stat_activity WHERE datname = '{database}'"
+        " AND usename IS NOT NULL",
+    )
+    return {row["pid"] for row in rows}
+
+
+def send(base: str, requests: int) -> int:
+    """``requests`` cheap reads one after another; connections the app opened."""
     with httpx.Client(base_url=base, timeout=30) as client:
         for _ in range(requests):
             response = client.get("/api/exchange-rate?currency=EUR")
             assert response.status_code == 200, response.text
-        opened = client.get("/debug/stats").json()["database"]["connectionsOpened"]
-    accepted = sessions_after(pg_url, database, before + requests) - before
-    if per_request:
-        assert opened == requests
-        assert accepted >= requests
-    else:
-        # One pooled connection serves requests that come one at a time.
-        assert opened == 1
-        assert accepted <= 1
+        return client.get("/debug/stats").json()["database"]["connectionsOpened"]
+
+
+@needs_postgres
+@pytest.mark.integration
+def test_the_naive_client_costs_a_server_connection_per_request(
+    serve_app, pg_dataset, pg_url, pg_db
+):
+    database = make_url(pg_db).database
+    base = serve_app("optimized", dataset=pg_dataset, naive=["client"])
+    before = sessions(pg_url, database)
+    requests = 12
+    assert send(base, requests) == requests
+    # Each connection was closed with its request: no backend stays behind.
+    assert backends(pg_url, database) == set()
+    assert sessions_after(pg_url, database, before + requests) - before >= requests
+
+
+@needs_postgres
+@pytest.mark.integration
+def test_the_shared_client_keeps_one_server_connection(
+    serve_app, pg_dataset, pg_url, pg_db
+):
+    database = make_url(pg_db).database
+    base = serve_app("optimized", dataset=pg_dataset)
+    # Requests one at a time need one pooled connection; the same backend
+    # process serves the second batch as served the first.
+    assert send(base, 6) == 1
+    first = backends(pg_url, database)
+    assert send(base, 6) == 1
+    assert backends(pg_url, database) == first
+    assert len(first) == 1
 
 
 @needs_postgres
