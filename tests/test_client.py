@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from starlette.testclient import TestClient
 
 from reference_impl.app import create_app
@@ -30,7 +29,9 @@ def drive(client: TestClient, dataset, rounds: int) -> int:
         for path in READ_ROUTES:
             assert client.get(path).status_code == 200, path
             sent += 1
-        assert client.post("/api/auth/login", json=login_body(dataset)).status_code == 200
+        assert (
+            client.post("/api/auth/login", json=login_body(dataset)).status_code == 200
+        )
         sent += 1
     return sent
 

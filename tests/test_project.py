@@ -20,20 +20,23 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 def environment_entries() -> tuple[list[str], list[str]]:
     """The conda dependencies and the pip entries of environment.yml."""
-    conda, pip, in_pip = [], [], False
+    conda: list[str] = []
+    pip: list[str] = []
+    section = None
     for raw in (ROOT / "environment.yml").read_text().splitlines():
         line = raw.split("#", 1)[0].rstrip()
-        if not line.strip().startswith("- "):
-            in_pip = in_pip and line.startswith("    ")
+        if not line:
             continue
-        item = line.strip()[2:].strip()
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+            continue
+        if section != "dependencies":
+            continue
+        item = line.strip().removeprefix("- ").strip()
+        indent = len(line) - len(line.lstrip())
         if item == "pip:":
-            in_pip = True
-        elif in_pip and raw.startswith("      "):
-            pip.append(item)
-        else:
-            in_pip = False
-            conda.append(item)
+            continue
+        (pip if indent > 2 else conda).append(item)
     return conda, pip
 
 
@@ -101,7 +104,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["dataset", "build"], ["serve"], ["ai-stub"], ["run"], ["notebooks"]]
+    "command",
+    [[], ["dataset", "build"], ["serve"], ["ai-stub"], ["run"], ["notebooks"]],
 )
 def test_every_subcommand_has_help(command):
     result = subprocess.run(
