@@ -4,6 +4,8 @@ answers, stopped by process group so no child outlives it."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -19,8 +21,56 @@ import httpx
 log = logging.getLogger("benchmarks")
 
 
+#: Every process the harness starts carries this variable in its environment,
+#: so what a run left behind can be found (and stopped) by its value.
+RUN_MARKER_ENV = "MEMBENCH_RUN_ID"
+
+_PR_SET_PDEATHSIG = 1
+
+
 class ServerError(RuntimeError):
     """Raised when a server process fails to start or to answer."""
+
+
+def die_with_parent() -> None:
+    """In a child before exec: be killed when the parent dies, even by SIGKILL.
+
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op. The signal is tied
+    to the thread that forked, so start children from a thread that outlives
+    them (the main thread does).
+    """
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds ``RUN_MARKER_ENV=marker``."""
+    needle = f"{RUN_MARKER_ENV}={marker}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                state = fh.read().rpartition(b")")[2].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def kill_marked(marker: str) -> list[int]:
+    """SIGKILL every live process carrying ``marker``; the pids signalled."""
+    pids = [pid for pid in marked_processes(marker) if pid != os.getpid()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,6 +147,16 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout_s: float = 60.0) -> ServerProcess:
+        self.launch()
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it to answer."""
         env = {**os.environ, **(self.env or {})}
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,17 +168,20 @@ class ServerProcess:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=self.preexec_fn,
+            preexec_fn=self._preexec,
         )
         log.debug("started pid %s: %s", self.proc.pid, " ".join(self.command))
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
         return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _preexec(self) -> None:
+        # Runs in the child between fork and exec: a harness killed outright
+        # takes its server with it.
+        die_with_parent()
+        if self.preexec_fn is not None:
+            self.preexec_fn()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Return once the health route answers 200; ServerError otherwise."""
         deadline = time.perf_counter() + timeout_s
         url = self.base_url + self.health_path
         while time.perf_counter() < deadline:
