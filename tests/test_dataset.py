@@ -58,14 +58,23 @@ def query(folder: Path, sql: str) -> list[tuple]:
         con.close()
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``ci`` dataset of this module's own: servers started by other tests
+    open the shared one, and SQLite records their journal mode in its header."""
+    out = tmp_path_factory.mktemp("dataset") / "ci"
+    datagen.build("ci", out=out)
+    return out
+
+
 def tiny_params(**changes: object) -> datagen.DatasetParams:
     return datagen.DatasetParams.from_table({**TINY, **changes})
 
 
-def test_the_same_seed_gives_byte_identical_files(ci_dataset, tmp_path):
+def test_the_same_seed_gives_byte_identical_files(built, tmp_path):
     again = tmp_path / "again"
     datagen.build("ci", out=again, seed=datagen.DEFAULT_SEED)
-    first, second = files_of(ci_dataset), files_of(again)
+    first, second = files_of(built), files_of(again)
     assert sorted(first) == sorted(second)
     assert "clinic.sqlite" in first and "manifest.json" in first
     for name in first:
@@ -82,12 +91,12 @@ def test_another_seed_gives_other_rows_and_images(tmp_path):
     assert all(a[name] != b[name] for name in a)
 
 
-def test_the_manifest_counts_what_the_database_holds(ci_dataset):
-    manifest = manifest_of(ci_dataset)
+def test_the_manifest_counts_what_the_database_holds(built):
+    manifest = manifest_of(built)
     preset = load_preset("ci").dataset
     for key, table in TABLES.items():
         assert (
-            query(ci_dataset, f"SELECT count(*) FROM {table}")[0][0]
+            query(built, f"SELECT count(*) FROM {table}")[0][0]
             == (manifest["counts"][key])
         ), table
     assert manifest["counts"]["patients"] == preset["patients"]
@@ -95,24 +104,24 @@ def test_the_manifest_counts_what_the_database_holds(ci_dataset):
         preset["patients"] * preset["images_per_patient"]
     )
     assert manifest["counts"]["distinct_image_files"] == preset["distinct_images"]
-    used = query(ci_dataset, "SELECT DISTINCT file_name FROM radiology_images")
-    files = sorted(p.name for p in (ci_dataset / manifest["images"]).iterdir())
+    used = query(built, "SELECT DISTINCT file_name FROM radiology_images")
+    files = sorted(p.name for p in (built / manifest["images"]).iterdir())
     assert sorted(name for (name,) in used) == files
     assert len(files) == preset["distinct_images"]
 
 
-def test_the_manifest_names_its_files_and_their_sizes(ci_dataset):
-    manifest = manifest_of(ci_dataset)
+def test_the_manifest_names_its_files_and_their_sizes(built):
+    manifest = manifest_of(built)
     assert manifest["preset"] == "ci"
     assert manifest["seed"] == datagen.DEFAULT_SEED
     assert manifest["database"] == "clinic.sqlite"
     assert manifest["images"] == "images"
     assert "db_url" not in manifest
     sizes = manifest["bytes"]
-    assert sizes["database"] == (ci_dataset / "clinic.sqlite").stat().st_size
-    images = ci_dataset / "images"
+    assert sizes["database"] == (built / "clinic.sqlite").stat().st_size
+    images = built / "images"
     assert sizes["images"] == sum(p.stat().st_size for p in images.iterdir())
-    (rows_bytes,) = query(ci_dataset, "SELECT sum(size_bytes) FROM radiology_images")
+    (rows_bytes,) = query(built, "SELECT sum(size_bytes) FROM radiology_images")
     assert sizes["image_rows"] == rows_bytes[0]
     kinds = manifest["image_kinds"]
     assert set(kinds) == set(datagen.KIND_WEIGHTS)
@@ -122,15 +131,15 @@ def test_the_manifest_names_its_files_and_their_sizes(ci_dataset):
         assert stats["bytes_min"] <= stats["bytes_mean"] <= stats["bytes_max"]
 
 
-def test_every_image_row_points_to_a_real_file_that_matches_it(ci_dataset):
-    manifest = manifest_of(ci_dataset)
+def test_every_image_row_points_to_a_real_file_that_matches_it(built):
+    manifest = manifest_of(built)
     rows = query(
-        ci_dataset,
+        built,
         "SELECT kind, file_name, mime_type, size_bytes, width_px, height_px"
         " FROM radiology_images",
     )
     for kind, file_name, mime, size, width, height in rows:
-        path = ci_dataset / manifest["images"] / file_name
+        path = built / manifest["images"] / file_name
         assert path.stat().st_size == size
         with Image.open(path) as image:
             image.load()
@@ -140,9 +149,9 @@ def test_every_image_row_points_to_a_real_file_that_matches_it(ci_dataset):
         assert (stats["width_px"], stats["height_px"]) == (width, height)
 
 
-def test_analysis_documents_have_the_preset_size_and_shape(ci_dataset):
+def test_analysis_documents_have_the_preset_size_and_shape(built):
     target = load_preset("ci").dataset["analysis_kib"] * 1024
-    rows = query(ci_dataset, "SELECT kind, analysis FROM radiology_images")
+    rows = query(built, "SELECT kind, analysis FROM radiology_images")
     kinds_seen = set()
     for kind, text in rows:
         doc = json.loads(text)
@@ -154,7 +163,7 @@ def test_analysis_documents_have_the_preset_size_and_shape(ci_dataset):
             assert {"S", "N", "A", "B"} <= {p["code"] for p in doc["landmarks"]}
         kinds_seen.add(kind)
     assert kinds_seen == set(datagen.KIND_WEIGHTS)
-    manifest = manifest_of(ci_dataset)
+    manifest = manifest_of(built)
     assert manifest["bytes"]["analysis"] == sum(len(text) for _, text in rows)
 
 
@@ -168,23 +177,23 @@ def test_an_analysis_document_lands_near_its_target(kib):
     assert kib * 1024 * 0.98 <= size <= kib * 1024
 
 
-def test_passwords_are_stored_as_scrypt_hashes_that_verify(ci_dataset):
-    manifest = manifest_of(ci_dataset)
+def test_passwords_are_stored_as_scrypt_hashes_that_verify(built):
+    manifest = manifest_of(built)
     login = manifest["login"]
-    users = query(ci_dataset, "SELECT email, password_hash FROM users")
+    users = query(built, "SELECT email, password_hash FROM users")
     assert len(users) == manifest["counts"]["users"]
     assert all(stored.startswith("scrypt$") for _, stored in users)
     assert len({stored.split("$")[4] for _, stored in users}) == len(users)
     stored = dict(users)[login["email"]]
     assert verify_password(login["password"], stored)
     assert not verify_password(login["password"] + "x", stored)
-    raw = (ci_dataset / "clinic.sqlite").read_bytes()
+    raw = (built / "clinic.sqlite").read_bytes()
     assert login["password"].encode() not in raw
 
 
-def test_emails_are_lowercase_and_unique(ci_dataset):
+def test_emails_are_lowercase_and_unique(built):
     for table in ("users", "patients"):
-        emails = [e for (e,) in query(ci_dataset, f"SELECT email FROM {table}")]
+        emails = [e for (e,) in query(built, f"SELECT email FROM {table}")]
         assert emails == [e.lower() for e in emails]
         assert len(set(emails)) == len(emails)
 
