@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from reference_impl.config import DEFAULT_AI_URL, Settings, parse_patterns
@@ -88,10 +89,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pool-size",
-        default="sqlalchemy",
+        default=os.environ.get("MEMBENCH_POOL_SIZE", "sqlalchemy"),
         metavar="SIZING",
-        help="database pool: sqlalchemy (5 + 10 overflow, the default), "
-        "prisma (physical CPUs x 2 + 1) or a number",
+        help="database pool: sqlalchemy (5 + 10 overflow), prisma (physical CPUs"
+        " x 2 + 1, no overflow) or a number N (no overflow); default: "
+        "$MEMBENCH_POOL_SIZE, else sqlalchemy",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
 

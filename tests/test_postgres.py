@@ -294,9 +294,10 @@ def test_a_prisma_sized_pool_caps_the_server_connections(
                 range(concurrency * 6),
             )
         )
-        opened = client.get("/debug/stats").json()["database"]["connectionsOpened"]
+        stats = client.get("/debug/stats").json()["database"]
     assert statuses == [200] * len(statuses)
-    assert 1 <= opened <= cap
+    assert stats["pool"] == {"sizing": "prisma", "poolSize": cap, "maxOverflow": 0}
+    assert 1 <= stats["connectionsOpened"] <= cap
     assert sampler.summary()["connections_max"] <= cap
 
 

@@ -32,6 +32,8 @@ SQLITE_BUSY_TIMEOUT_S = 5.0
 
 #: Named pool sizings; a number N is also a sizing (N connections, no overflow).
 POOL_SIZINGS = ("sqlalchemy", "prisma")
+#: What SQLAlchemy's queue pool holds when given no sizes.
+SQLALCHEMY_POOL = {"pool_size": 5, "max_overflow": 10}
 
 
 def prisma_pool_size() -> int:
@@ -68,6 +70,8 @@ class EngineStats:
     connections_opened: int = 0
     connections_closed: int = 0
     engines_by_module: Counter[str] = field(default_factory=Counter)
+    #: How each engine's pool is sized: the sizing asked for and its keywords.
+    pool: dict[str, object] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _count(self, attr: str) -> None:
@@ -83,6 +87,7 @@ class EngineStats:
             "connectionsClosed": self.connections_closed,
             "connectionsOpen": self.connections_opened - self.connections_closed,
             "enginesByModule": dict(self.engines_by_module),
+            "pool": dict(self.pool),
         }
 
 
@@ -184,5 +189,11 @@ Database = PerRequestEngine | SharedEngine
 def database_for(
     naive: bool, url: str, stats: EngineStats, pool: str = "sqlalchemy"
 ) -> Database:
+    options = pool_options(pool)
+    stats.pool.update(
+        sizing=pool,
+        poolSize=options.get("pool_size", SQLALCHEMY_POOL["pool_size"]),
+        maxOverflow=options.get("max_overflow", SQLALCHEMY_POOL["max_overflow"]),
+    )
     kind = PerRequestEngine if naive else SharedEngine
-    return kind(url, stats, **pool_options(pool))
+    return kind(url, stats, **options)
