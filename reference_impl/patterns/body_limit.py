@@ -33,7 +33,9 @@ def _require_json_type(request: Request) -> None:
 def _parse(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers JSONDecodeError and integers past Python's 4300-digit
+    # limit; RecursionError, arrays or objects nested a few thousand deep.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad_request(
             "invalid_json", f"the body is not valid JSON: {exc}"
         ) from None
