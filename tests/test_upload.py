@@ -18,7 +18,10 @@ import select
 import shutil
 import socket
 import sqlite3
+import struct
+import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,6 +31,7 @@ import pytest
 from PIL import Image, features
 from starlette.testclient import TestClient
 
+from benchmarks.serverproc import ServerProcess, free_port, serve_args
 from reference_impl import imagegen
 from reference_impl.app import create_app
 from reference_impl.config import Settings
@@ -96,6 +100,13 @@ def image_bytes(fmt: str, size: tuple[int, int] = (48, 32)) -> bytes:
 def jpeg() -> imagegen.GeneratedImage:
     """A small real radiograph."""
     return imagegen.generate("bitewing", random.Random(7), scale=0.1)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The signature and IHDR chunk of a PNG of that size: what Pillow reads."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    crc = struct.pack(">I", zlib.crc32(ihdr))
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + crc
 
 
 def padded(image: bytes, total_bytes: int) -> bytes:
@@ -337,6 +348,23 @@ BAD_UPLOADS = [
         fragments=("JPEG",),
     ),
     Case(
+        "PNG signature and noise",
+        415,
+        "unsupported_media_type",
+        lambda img: multipart(file_part(b"\x89PNG\r\n\x1a\n" + bytes(500))),
+        fragments=("PNG",),
+    ),
+    *(
+        Case(
+            f"PNG declaring {w} x {h} pixels",
+            415,
+            "unsupported_media_type",
+            lambda img, w=w, h=h: multipart(file_part(png_header(w, h) + bytes(64))),
+            fragments=("PNG",),
+        )
+        for w, h in ((20_000, 5_000), (100_000, 100_000), (0, 10))
+    ),
+    Case(
         "GIF",
         415,
         "unsupported_media_type",
@@ -425,6 +453,33 @@ BAD_UPLOADS = [
             + img
             + f"\r\n--{BOUNDARY}--\r\n".encode()
         ),
+    ),
+    Case(
+        "too many part headers",
+        400,
+        "malformed_multipart",
+        lambda img: (
+            f"--{BOUNDARY}\r\n".encode()
+            + b"".join(b"X-Extra-%d: x\r\n" % i for i in range(40))
+            + b'Content-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+            + img
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        ),
+    ),
+    Case(
+        "part header of 64 KiB",
+        400,
+        "malformed_multipart",
+        lambda img: multipart(
+            file_part(img, disposition='form-data; name="file"; x="' + "y" * 65536)
+        ),
+    ),
+    Case(
+        "boundary of 300 characters",
+        400,
+        "malformed_multipart",
+        lambda img: multipart(file_part(img), boundary="b" * 300),
+        headers={"content-type": "multipart/form-data; boundary=" + "b" * 300},
     ),
     Case(
         "Content-Type without a boundary",
@@ -651,11 +706,56 @@ def stats(base_url: str) -> dict:
     return httpx.get(base_url + "/debug/stats").json()["process"]
 
 
+@dataclass(frozen=True)
+class Served:
+    """A running ``membench serve`` process and its log."""
+
+    base_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def served(dataset: Path, log_dir: Path, naive: tuple[str, ...]) -> Iterator[Served]:
+    """``membench serve --variant optimized --naive NAIVE``."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    command = serve_args("optimized", port=port, naive=naive, dataset=dataset)
+    with ServerProcess(command, port=port, log_path=log_path) as server:
+        yield Served(server.base_url, log_path)
+
+
+@contextmanager
+def server_pool(dataset: Path, log_dir: Path) -> Iterator[Callable[..., Served]]:
+    """``get(*naive_patterns)``: an optimized server with those patterns naive,
+    started on first use and stopped at the end."""
+    started: dict[tuple[str, ...], Served] = {}
+    with ExitStack() as stack:
+
+        def get(*naive: str) -> Served:
+            if naive not in started:
+                started[naive] = stack.enter_context(served(dataset, log_dir, naive))
+            return started[naive]
+
+        yield get
+
+
+def upload_server(servers: Callable[..., Served], upload_form: str) -> Served:
+    """The served build whose upload pattern is ``upload_form`` and no other naive."""
+    return servers("upload") if upload_form == "naive" else servers()
+
+
+@pytest.fixture(scope="module")
+def servers(dataset, tmp_path_factory) -> Iterator[Callable[..., Served]]:
+    with server_pool(dataset, tmp_path_factory.mktemp("logs")) as get:
+        yield get
+
+
 @pytest.mark.integration
-def test_served_optimized_refuses_a_declared_oversize_before_reading(
-    serve_app, dataset
-):
-    base = serve_app("optimized", dataset=dataset)
+def test_served_optimized_refuses_a_declared_oversize_before_reading(servers):
+    base = servers().base_url
     headers = {**form_headers(), "Content-Length": str(64 * MIB)}
     # Not one byte of the body is sent: the answer comes from the headers.
     status, answer, sent = raw_post(base, upload_url(), headers, [])
@@ -668,10 +768,9 @@ def test_served_optimized_refuses_a_declared_oversize_before_reading(
 @pytest.mark.integration
 @pytest.mark.parametrize("upload_form", VARIANTS)
 def test_served_chunked_oversize_is_cut_short_only_when_streamed(
-    serve_app, dataset, jpeg, upload_form
+    servers, dataset, jpeg, upload_form
 ):
-    naive = ("upload",) if upload_form == "naive" else ()
-    base = serve_app("optimized", naive=naive, dataset=dataset)
+    base = upload_server(servers, upload_form).base_url
     before = state_of(dataset)
     body = multipart(file_part(padded(jpeg.data, 40 * MIB)))
     status, answer, sent = raw_post(
@@ -689,8 +788,8 @@ def test_served_chunked_oversize_is_cut_short_only_when_streamed(
 
 
 @pytest.mark.integration
-def test_served_optimized_answers_every_bad_upload(serve_app, dataset, jpeg):
-    base = serve_app("optimized", dataset=dataset)
+def test_served_optimized_answers_every_bad_upload(servers, dataset, jpeg):
+    base = servers().base_url
     with httpx.Client(base_url=base, timeout=30) as client:
         for case in BAD_UPLOADS:
             before = state_of(dataset)
