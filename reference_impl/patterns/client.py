@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -70,7 +71,8 @@ class EngineStats:
     connections_opened: int = 0
     connections_closed: int = 0
     engines_by_module: Counter[str] = field(default_factory=Counter)
-    #: How each engine's pool is sized: the sizing asked for and its keywords.
+    #: The database's kind (``sqlite``, ``postgresql``) and how pools are sized.
+    dialect: str = ""
     pool: dict[str, object] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -87,6 +89,7 @@ class EngineStats:
             "connectionsClosed": self.connections_closed,
             "connectionsOpen": self.connections_opened - self.connections_closed,
             "enginesByModule": dict(self.engines_by_module),
+            "dialect": self.dialect,
             "pool": dict(self.pool),
         }
 
@@ -190,6 +193,7 @@ def database_for(
     naive: bool, url: str, stats: EngineStats, pool: str = "sqlalchemy"
 ) -> Database:
     options = pool_options(pool)
+    stats.dialect = make_url(url).get_backend_name()
     stats.pool.update(
         sizing=pool,
         poolSize=options.get("pool_size", SQLALCHEMY_POOL["pool_size"]),
