@@ -601,6 +601,7 @@ def measure(spec: RunSpec, workspace: Workspace, options: Options) -> RunResult:
     interrupted = False
     error: str | None = None
     leftovers: list[int] = []
+    pids: dict[str, int | None] = {}
 
     t0 = time.monotonic()
     phases = _Phases(t0, tag, options.on_event)
@@ -687,6 +688,11 @@ def measure(spec: RunSpec, workspace: Workspace, options: Options) -> RunResult:
             ai.stop()
         leftovers = kill_marked(marker)
         phases.end()
+        pids = {
+            "server": server.proc.pid if server and server.proc else None,
+            "sampler": sampler.proc.pid if sampler and sampler.proc else None,
+            "ai_stub": ai.proc.pid if ai and ai.proc else None,
+        }
         if leftovers:
             log.warning("%s killed %d leftover process(es)", tag, len(leftovers))
 
@@ -709,6 +715,7 @@ def measure(spec: RunSpec, workspace: Workspace, options: Options) -> RunResult:
         interrupted=interrupted,
         error=error,
         leftovers=leftovers,
+        pids=pids,
         env=env,
         pg=pg,
     )
@@ -794,6 +801,7 @@ def _run_json(
     interrupted: bool,
     error: str | None,
     leftovers: list[int],
+    pids: dict[str, int | None],
     env: dict[str, str],
     pg,
 ) -> dict[str, Any]:
@@ -812,9 +820,15 @@ def _run_json(
     baseline = _median(_window(times, rss, *baseline_span)) if baseline_span else None
     if baseline is None and rss:
         baseline = round(rss[0], 3)
+    # The peak of serving: from the ready server to the end of the tail.
+    # Start-up has its own (imports, the login's scrypt dummy hash) and is
+    # kept apart; VmHWM covers both.
+    startup_span = span("startup")
+    startup_rss = _window(times, rss, *startup_span) if startup_span else []
     last_measured = span("tail") or span("load") or span("warmup") or baseline_span
+    since = baseline_span[0] if baseline_span else 0.0
     until = last_measured[1] if last_measured else (times[-1] if times else 0.0)
-    measured_rss = _window(times, rss, 0.0, until) or rss
+    measured_rss = _window(times, rss, since, until) or rss
     peak = round(max(measured_rss), 3) if measured_rss else None
     tail = span("tail")
     end = None
@@ -896,6 +910,7 @@ def _run_json(
             "baseline": baseline,
             "after_warmup": after_warmup,
             "peak": peak,
+            "startup_peak": round(max(startup_rss), 3) if startup_rss else None,
             "end": end,
             "hwm": hwm,
             "hwm_source": hwm_source,
@@ -936,6 +951,7 @@ def _run_json(
         "trend": trend,
         "phases": spans,
         "leftover_processes": len(leftovers),
+        "pids": pids,
         "dataset": str(options.dataset),
         "db": "external" if options.db_url else "sqlite copy",
         "environment": environment.describe(env),

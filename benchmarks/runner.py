@@ -23,8 +23,10 @@ run.json keys: ``scenario``, ``variant``, ``naive_patterns``, ``label``,
 ``preset``, ``repeat`` (this run's index, from 1) and ``repeats``, ``load``
 (``requests``, ``concurrency``, ``warmup``, ``timeout_s``, ``tail_s``,
 ``weights`` and the scenario's sizes), ``rss_mib`` (``baseline``,
-``after_warmup``, ``peak``, ``end``, ``hwm`` - the kernel's VmHWM read after
-the tail - and ``growth`` = peak - baseline), ``requests`` (``ok``,
+``after_warmup``, ``peak`` - the highest sample from the ready server to the
+end of the tail - ``startup_peak``, ``end``, ``hwm`` - the kernel's VmHWM
+read after the tail, start-up included - and ``growth`` = peak - baseline),
+``requests`` (``ok``,
 ``failed``, ``by_status``, ``by_route``, ``errors``, ``planned``, ``sent``,
 ``not_sent``), ``warmup``, ``latency_ms`` (``p50``, ``p95``, ``p99``,
 ``max``, ``mean``, over the requests answered as expected),
