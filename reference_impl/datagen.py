@@ -458,8 +458,12 @@ def write_pool(
 # -- analysis documents -------------------------------------------------------
 
 
+#: JSON as the API sends it (no spaces); one encoder, made once.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def _compact(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+    return _COMPACT.encode(obj)
 
 
 def _tooth_entry(rng: random.Random, tooth: int) -> dict[str, Any]:
@@ -1064,10 +1068,21 @@ def build_dataset(
     staging.mkdir()
     try:
         images_dir = staging / IMAGES_DIR
+        started = time.perf_counter()
         pool = write_pool(seed, params.distinct_images, params.image_scale, images_dir)
+        log.info(
+            "wrote %d image files in %.1f s", len(pool), time.perf_counter() - started
+        )
         database = staging / DATABASE_NAME if db_url is None else None
         url = db_url or sqlite_url(staging / DATABASE_NAME)
+        started = time.perf_counter()
         totals, email, password = _run(fill_database(url, seed, params, pool))
+        log.info(
+            "inserted %d patients and %d image rows in %.1f s",
+            totals.counts["patients"],
+            totals.counts["images"],
+            time.perf_counter() - started,
+        )
         if database is not None:
             vacuum(database)
         manifest = {

@@ -54,7 +54,7 @@ KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
         Kind("panoramic", 2880, 1440, "L", "JPEG", 92, 18, 14, "panoramic radiograph"),
-        Kind("bitewing", 1640, 1256, "L", "JPEG", 95, 14, 12, "bitewing radiograph"),
+        Kind("bitewing", 1640, 1256, "L", "JPEG", 93, 10, 12, "bitewing radiograph"),
         Kind("periapical", 1256, 1640, "L", "PNG", 0, 5, 16, "periapical radiograph"),
         Kind(
             "cephalometric", 2700, 2200, "L", "JPEG", 92, 16, 14, "lateral cephalogram"
@@ -118,7 +118,9 @@ def _texture(image: Image.Image, rng: random.Random, kind: Kind) -> Image.Image:
     mottle = coarse.resize((w, h), Image.Resampling.BICUBIC)
     image = _add_centred(image, mottle, kind.mottle)
     grain = _noise(rng, image.mode, (w, h)).filter(ImageFilter.GaussianBlur(0.6))
-    return _add_centred(image, grain, kind.grain * 3)
+    # Exposure differs from one shot to the next, and so does the file size.
+    dose = rng.uniform(0.8, 1.2)
+    return _add_centred(image, grain, round(kind.grain * 3 * dose))
 
 
 # -- drawings --------------------------------------------------------------
