@@ -446,7 +446,7 @@ class Upload:
             os.replace(self._temp_path, self._final_path)
             self._temp_path = None
             await session.commit()
-        self._stored = True
+            self._stored = True
         log.debug(
             "stored %s (%s bytes) for patient %s",
             relative,
@@ -487,7 +487,10 @@ async def _upload(request: Request) -> AsyncIterator[Upload]:
 
 def _check_body_size(received_bytes: int) -> None:
     if received_bytes > MAX_BODY_BYTES:
-        raise _file_too_large(f"the request body is over {received_bytes} bytes")
+        raise _file_too_large(
+            f"the request body passed {MAX_BODY_BYTES} bytes "
+            f"({received_bytes} received)"
+        )
 
 
 def _check_declared_size(request: Request) -> None:
