@@ -138,6 +138,7 @@ def rss_timeline(
     draw_bands(ax, bands)
     ax.set_xlabel("time since the server started (s)")
     ax.set_ylabel("RSS (MiB)")
+    ax.set_ylim(bottom=0)
     fit_log_scale(ax, values, bands)
     ax.set_title(title)
     ax.legend(loc="best", fontsize="small")
@@ -158,7 +159,7 @@ def bars(
     the repeats, drawn as an error bar around the median."""
     positions = np.arange(len(names))
     errors = None
-    if spread is not None:
+    if spread is not None and any(lo != hi for lo, hi in spread):
         errors = np.array(
             [
                 [v - lo for v, (lo, _hi) in zip(values, spread, strict=True)],
@@ -185,6 +186,31 @@ def bars(
         ax.set_ylabel(unit)
         ax.margins(y=0.15)
     ax.set_title(title)
+
+
+def grouped_bars(
+    ax: Axes,
+    groups: Sequence[str],
+    values: dict[str, Sequence[float]],
+    colours: dict[str, str],
+    unit: str,
+    title: str,
+    value_format: str = "{:.0f}",
+) -> None:
+    """Bars grouped by ``groups`` (p50, p95 ...), one bar per series in it."""
+    positions = np.arange(len(groups))
+    width = 0.8 / max(len(values), 1)
+    for i, (name, series) in enumerate(values.items()):
+        offset = (i - (len(values) - 1) / 2) * width
+        drawn = ax.bar(
+            positions + offset, series, width, color=colours[name], label=name
+        )
+        ax.bar_label(drawn, labels=[value_format.format(v) for v in series], padding=2)
+    ax.set_xticks(positions, groups)
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.margins(y=0.15)
+    ax.legend(loc="best", fontsize="small")
 
 
 def ratio_bars(
@@ -238,6 +264,7 @@ def sweep(
         fits[name] = fit
         xs = np.asarray(x, dtype=float)
         ax.scatter(xs, y, color=line_colour, zorder=3)
+        ax.set_xticks(sorted(set(xs.tolist())))
         grid = np.linspace(xs.min(), xs.max(), 50)
         ax.plot(
             grid,

@@ -109,6 +109,7 @@ def prepare_environment() -> None:
     cache = REPO_ROOT / ".cache"
     for variable, folder in CACHE_VARIABLES.items():
         os.environ.setdefault(variable, str(cache / folder))
+        Path(os.environ[variable]).mkdir(parents=True, exist_ok=True)
     os.environ.pop("MPLBACKEND", None)
 
 

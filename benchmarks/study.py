@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,25 @@ from benchmarks import charts
 log = logging.getLogger("benchmarks")
 
 VERDICTS = ("confirmed", "partly", "refuted", "not measured")
+
+
+class RunFailed(RuntimeError):
+    """Raised when the harness could not measure a run (its ``error`` key)."""
+
+
+def run_in_thread(*args: Any, **kwargs: Any) -> list[Any]:
+    """:func:`benchmarks.runner.run_scenario` on a thread of its own.
+
+    The harness drives its load with ``asyncio.run``, which refuses to start
+    inside a running event loop, and a notebook kernel's main thread runs
+    one. The thread lives until every server it started is stopped.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks import runner
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="membench-run") as pool:
+        return pool.submit(runner.run_scenario, *args, **kwargs).result()
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,14 @@ class Run:
     def growth_mib(self) -> float:
         """Peak RSS over the idle server's baseline."""
         return self.peak_mib - self.baseline_mib
+
+    @property
+    def crashed(self) -> bool:
+        return bool(self.meta.get("crashed"))
+
+    def release(self, key: str) -> float:
+        """RSS after the load: ``as_is``, ``after_gc``, ``after_trim``."""
+        return float(self.meta["release_mib"][key])
 
     def latency_value(self, key: str) -> float:
         value = self.meta["latency_ms"].get(key)
@@ -203,28 +231,106 @@ class Study:
     def measure(
         self,
         scenario: str,
-        variant: str,
+        variants: Sequence[str] = ("naive", "optimized"),
         naive: Sequence[str] = (),
         overrides: dict[str, Any] | None = None,
         repeats: int | None = None,
         tag: str = "",
-    ) -> Runs:
-        """Run ``membench run`` for one scenario and variant at this preset."""
-        from benchmarks import runner
+        **options: Any,
+    ) -> dict[str, Runs]:
+        """Run ``membench run`` for one scenario at this preset, the variants
+        interleaved; their runs by variant name.
 
-        folder = self.runs_dir / run_key(scenario, variant, naive, overrides, tag)
-        results = runner.run_scenario(
+        ``options`` go to :func:`benchmarks.runner.run_scenario` as they are
+        (``dataset``, ``memory_limit_mib``, ``malloc_arena_max``, ...).
+        """
+        key_options = {**(overrides or {}), **options}
+        folder = self.runs_dir / run_key(
+            scenario, "+".join(variants), naive, key_options, tag
+        )
+        # A folder left by an earlier execution would mix old runs with new.
+        shutil.rmtree(folder, ignore_errors=True)
+        results = run_in_thread(
             scenario,
-            variant,
+            list(variants),
             self.preset,
             naive=tuple(naive),
             out=folder,
             repeat=repeats or self.repeats,
             overrides=dict(overrides or {}),
+            **options,
         )
-        return Runs([Run.load(result_path(result)) for result in results])
+        by_variant: dict[str, Runs] = {}
+        for result in results:
+            run = Run(Path(result.path), result.data)
+            if run.meta.get("error"):
+                raise RunFailed(f"{run.path.name}: {run.meta['error']}")
+            by_variant.setdefault(run.variant, Runs([])).runs.append(run)
+        return by_variant
 
-    def show(self, fig, name: str) -> Path:
+    def preset_value(self, key: str, scenario: str | None = None) -> Any:
+        """A value of this preset: of its load for ``scenario``, else of its
+        dataset."""
+        from reference_impl.presets import load_preset
+
+        preset = load_preset(self.preset)
+        table = preset.load(scenario) if scenario else preset.dataset
+        return table[key]
+
+    def sweep(
+        self,
+        scenario: str,
+        key: str,
+        values: Sequence[Any],
+        *,
+        where: str = "load",
+        main: dict[str, Runs] | None = None,
+        variants: Sequence[str] = ("naive", "optimized"),
+        **options: Any,
+    ) -> list[tuple[float, dict[str, Runs]]]:
+        """Measure ``scenario`` at each value of one load key (``where="load"``)
+        or dataset parameter (``where="dataset"``); the point at the preset's
+        own value reuses ``main``, the runs already made there."""
+        if where not in ("load", "dataset"):
+            raise ValueError(f"where={where!r} must be 'load' or 'dataset'")
+        own = self.preset_value(key, scenario if where == "load" else None)
+        points = []
+        for value in values:
+            if main is not None and value == own:
+                points.append((value, main))
+                continue
+            if where == "dataset":
+                options_here = {**options, "dataset": self.dataset(**{key: value})}
+                overrides = options_here.pop("overrides", None)
+            else:
+                options_here = dict(options)
+                overrides = {**options_here.pop("overrides", {}), key: value}
+            runs = self.measure(
+                scenario,
+                variants,
+                overrides=overrides,
+                tag=f"{key}={value}",
+                **options_here,
+            )
+            points.append((value, runs))
+        return points
+
+    def dataset(self, **changes: Any) -> Path:
+        """A dataset of this preset with some parameters changed (``patients``,
+        ``images_per_patient`` ...), built once and shared by the notebooks
+        writing to the same output folder: same parameters, same bytes."""
+        from reference_impl import datagen
+        from reference_impl.presets import load_preset
+
+        table = {**load_preset(self.preset).dataset, **changes}
+        key = "-".join(f"{k}={v}" for k, v in sorted(changes.items())) or "preset"
+        folder = self.out_dir.parent / "datasets" / self.preset / key
+        if not (folder / "manifest.json").is_file():
+            params = datagen.DatasetParams.from_table(table, where=f"dataset {key}")
+            datagen.build_dataset(params, folder, preset=f"{self.preset}:{key}")
+        return folder
+
+    def show(self, fig, name: str) -> None:
         """Save the figure as ``<name>.png`` and display it once."""
         import matplotlib.pyplot as plt
 
@@ -233,7 +339,6 @@ class Study:
         if name not in self.figures:
             self.figures.append(name)
         plt.show()
-        return path
 
     def value(self, key: str, value: Any) -> Any:
         """Keep a measured number in the results; returns it unchanged."""
@@ -289,6 +394,31 @@ class Study:
         return path
 
 
+def describe(runs: dict[str, Runs]) -> str:
+    """A plain-text table of what was measured: the load and the headline
+    numbers per variant (medians of the repeats)."""
+    first = next(iter(runs.values())).first
+    load = first.meta["load"]
+    lines = [
+        f"{first.scenario} at preset {first.meta['preset']}: {load['requests']}"
+        f" requests at concurrency {load['concurrency']} after"
+        f" {load.get('warmup', 0)} warm-up, {len(runs[first.variant])}"
+        " repeat(s) per variant",
+        f"{'variant':<30}{'base':>8}{'peak':>8}{'growth':>8}{'end':>8}"
+        f"{'p50 ms':>9}{'p95 ms':>9}{'req/s':>8}{'ok':>6}{'fail':>6}",
+    ]
+    for r in runs.values():
+        lines.append(
+            f"{r.label:<30}{r.median('baseline_mib'):>8.1f}{r.median('peak_mib'):>8.1f}"
+            f"{r.median('growth_mib'):>8.1f}{r.median('end_mib'):>8.1f}"
+            f"{r.latency('p50'):>9.1f}{r.latency('p95'):>9.1f}"
+            f"{r.median('throughput_rps'):>8.1f}{sum(r.values('ok')):>6.0f}"
+            f"{sum(r.values('failed')):>6.0f}"
+        )
+    lines.append("(RSS in MiB)")
+    return "\n".join(lines)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -319,20 +449,6 @@ def run_key(
         ).hexdigest()[:8]
         parts.append(digest)
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
-
-
-def result_path(result: Any) -> Path:
-    """The run folder of one harness result (a path, or a dict naming it)."""
-    if isinstance(result, str | Path):
-        return Path(result)
-    if isinstance(result, dict):
-        for key in ("path", "folder", "dir", "run_dir"):
-            if key in result:
-                return Path(result[key])
-    for attr in ("path", "folder", "run_dir"):
-        if hasattr(result, attr):
-            return Path(getattr(result, attr))
-    raise TypeError(f"cannot find the run folder of {result!r}")
 
 
 def verdict(measured_ratio: float, confirm_at: float, partly_at: float = 1.0) -> str:

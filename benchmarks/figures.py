@@ -1,0 +1,212 @@
+"""The figures every notebook draws, made from measured runs.
+
+Each function takes the runs of a measurement (by variant, as
+:meth:`benchmarks.study.Study.measure` returns them) and gives back one
+matplotlib figure; the notebook shows and saves it with ``study.show``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from benchmarks import charts
+from benchmarks.study import Run, Runs
+
+ByVariant = Mapping[str, Runs]
+
+
+def rss_over_time(
+    runs: ByVariant, title: str, bands: Sequence[charts.Band] = ()
+) -> Figure:
+    """RSS of the server from the moment it was ready, the first repeat of each
+    variant, its time counted from the start of the measured load (negative:
+    the idle baseline and the warm-up). A dotted line marks where each
+    variant's load ended; the idle tail follows."""
+    fig, ax = charts.new_figure()
+    series = []
+    for r in runs.values():
+        t_s, rss = aligned_rss(r.first)
+        series.append((r.label, r.colour, t_s, rss))
+    charts.rss_timeline(ax, series, bands=bands, title=title)
+    ax.set_xlabel("time since the measured load started (s)")
+    ax.axvline(0, color=charts.NEUTRAL_COLOUR, linewidth=1)
+    for r in runs.values():
+        load = r.first.meta["phases"]["load"]
+        ax.axvline(
+            load["end_s"] - load["start_s"],
+            color=r.colour,
+            linestyle=":",
+            linewidth=1.2,
+        )
+    ax.text(
+        0.01,
+        0.01,
+        "solid grey line: load starts; dotted: each variant's load ends",
+        transform=ax.transAxes,
+        fontsize="x-small",
+        color=charts.NEUTRAL_COLOUR,
+    )
+    return fig
+
+
+def aligned_rss(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """The run's RSS samples from the ready server on, time counted from the
+    start of its measured load."""
+    phases = run.meta["phases"]
+    t_s, rss = run.rss["t_s"], run.rss["rss_mib"]
+    ready = phases.get("baseline", phases["load"])["start_s"]
+    keep = t_s >= ready
+    return t_s[keep] - phases["load"]["start_s"], rss[keep]
+
+
+def peaks(runs: ByVariant, title: str) -> Figure:
+    """Peak RSS and growth over the idle baseline, per variant (median of the
+    repeats, their range as error bars)."""
+    fig, (left, right) = charts.new_figures(2)
+    names = [r.label for r in runs.values()]
+    colours = [r.colour for r in runs.values()]
+    for ax, attr, unit, what in (
+        (left, "peak_mib", "peak RSS (MiB)", "Peak RSS"),
+        (right, "growth_mib", "peak - baseline (MiB)", "Growth over baseline"),
+    ):
+        charts.bars(
+            ax,
+            names,
+            [r.median(attr) for r in runs.values()],
+            colours,
+            unit,
+            what,
+            spread=[r.spread(attr) for r in runs.values()],
+        )
+    left.axhline(
+        np.median([r.median("baseline_mib") for r in runs.values()]),
+        color=charts.NEUTRAL_COLOUR,
+        linestyle=":",
+        label="idle baseline",
+    )
+    left.legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def ratios(runs: ByVariant, title: str, reference: str = "naive") -> Figure:
+    """How many times the reference's peak and growth each variant's are."""
+    base = runs[reference]
+    others = [r for name, r in runs.items() if name != reference]
+    fig, ax = charts.new_figure(7, 4)
+    names, values, colours = [], [], []
+    for attr, what in (("peak_mib", "peak"), ("growth_mib", "growth")):
+        for other in others:
+            names.append(f"{what}\n{reference} / {other.label}")
+            values.append(base.median(attr) / max(other.median(attr), 1.0))
+            colours.append(other.colour)
+    charts.ratio_bars(ax, names, values, colours, title)
+    return fig
+
+
+def latency_throughput(runs: ByVariant, title: str) -> Figure:
+    """Latency percentiles and throughput side by side, per variant."""
+    fig, (left, right) = charts.new_figures(2)
+    percentiles = ("p50", "p95", "p99")
+    charts.grouped_bars(
+        left,
+        list(percentiles),
+        {r.label: [r.latency(p) for p in percentiles] for r in runs.values()},
+        {r.label: r.colour for r in runs.values()},
+        "latency (ms)",
+        "Latency of answered requests",
+    )
+    charts.bars(
+        right,
+        [r.label for r in runs.values()],
+        [r.median("throughput_rps") for r in runs.values()],
+        [r.colour for r in runs.values()],
+        "throughput (requests/s)",
+        "Throughput",
+        spread=[r.spread("throughput_rps") for r in runs.values()],
+        value_format="{:.1f}",
+    )
+    fig.suptitle(title)
+    return fig
+
+
+def proc_over_time(runs: ByVariant, title: str) -> Figure:
+    """Threads and open files of the server process over time."""
+    fig, (left, right) = charts.new_figures(2)
+    for ax, column, unit in (
+        (left, "threads", "threads"),
+        (right, "open_files", "open files (file descriptors)"),
+    ):
+        for r in runs.values():
+            proc = r.first.proc
+            if proc:
+                ax.plot(proc["t_s"], proc[column], color=r.colour, label=r.label)
+        ax.set_xlabel("time since the server started (s)")
+        ax.set_ylabel(unit)
+        ax.set_title(unit.split(" (")[0].capitalize())
+        ax.legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+Metric = Callable[[Runs], float]
+
+
+def peak_of(runs: Runs) -> float:
+    return runs.median("peak_mib")
+
+
+def sweep(
+    points: Sequence[tuple[float, ByVariant]],
+    x_label: str,
+    slope_unit: str,
+    title: str,
+    metric: Metric = peak_of,
+    y_label: str = "peak RSS (MiB)",
+) -> tuple[Figure, dict[str, charts.Fit]]:
+    """A metric against the quantity that drives it, one fitted line per
+    variant; returns the fits by variant label."""
+    fig, ax = charts.new_figure()
+    fits = charts.sweep(
+        ax, sweep_series(points, metric), x_label, y_label, slope_unit, title
+    )
+    return fig, fits
+
+
+def sweep_series(
+    points: Sequence[tuple[float, ByVariant]], metric: Metric = peak_of
+) -> list[tuple[str, str, list[float], list[float]]]:
+    """(label, colour, xs, ys) per variant over the sweep's points."""
+    series: dict[str, tuple[str, str, list[float], list[float]]] = {}
+    for x, runs in sorted(points, key=lambda p: p[0]):
+        for r in runs.values():
+            entry = series.setdefault(r.label, (r.label, r.colour, [], []))
+            entry[2].append(float(x))
+            entry[3].append(float(metric(r)))
+    return list(series.values())
+
+
+def sweep_panels(
+    points: Sequence[tuple[float, ByVariant]],
+    panels: Sequence[tuple[str, Metric, str]],
+    x_label: str,
+    title: str,
+) -> tuple[Figure, dict[str, dict[str, charts.Fit]]]:
+    """Several metrics against one quantity, side by side (memory beside
+    threads and open files); ``panels`` are (y label, metric, slope unit)."""
+    fig, axes = charts.new_figures(len(panels), width_in=5.2 * len(panels))
+    fits = {}
+    for ax, (y_label, metric, slope_unit) in zip(axes, panels, strict=True):
+        fits[y_label] = charts.sweep(
+            ax,
+            sweep_series(points, metric),
+            x_label,
+            y_label,
+            slope_unit,
+            y_label.split(" (")[0].capitalize(),
+        )
+    fig.suptitle(title)
+    return fig, fits
