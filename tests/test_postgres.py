@@ -25,6 +25,7 @@ import pytest
 from ai_support import running_stub
 from sqlalchemy.engine import make_url
 
+from benchmarks import backends
 from benchmarks.pgstats import (
     CSV_FIELDS,
     PgSampler,
@@ -225,7 +226,7 @@ def test_every_route_answers_from_postgres_as_from_sqlite(
             run_sql(pg_db, f"DELETE FROM radiology_images WHERE id = {new_id}")
 
 
-def backends(pg_url: str, database: str) -> set[int]:
+def backend_pids(pg_url: str, database: str) -> set[int]:
     """Pids of the server processes that serve a client of ``database`` now."""
     rows = run_sql(
         pg_url,
@@ -255,7 +256,7 @@ def test_the_naive_client_costs_a_server_connection_per_request(
     requests = 12
     assert send(base, requests) == requests
     # Each connection was closed with its request: no backend stays behind.
-    assert backends(pg_url, database) == set()
+    assert backend_pids(pg_url, database) == set()
     assert sessions_after(pg_url, database, before + requests) - before >= requests
 
 
@@ -269,9 +270,9 @@ def test_the_shared_client_keeps_one_server_connection(
     # Requests one at a time need one pooled connection; the same backend
     # process serves the second batch as served the first.
     assert send(base, 6) == 1
-    first = backends(pg_url, database)
+    first = backend_pids(pg_url, database)
     assert send(base, 6) == 1
-    assert backends(pg_url, database) == first
+    assert backend_pids(pg_url, database) == first
     assert len(first) == 1
 
 
@@ -342,3 +343,54 @@ def test_the_sampler_counts_connections_and_their_backends_memory(pg_db, tmp_pat
     lines = (tmp_path / "pg.csv").read_text().splitlines()
     assert lines[0] == ",".join(CSV_FIELDS)
     assert len(lines) == len(sampler.samples) + 1
+
+
+def run_data(dialect: str, variant: str, server: dict | None) -> dict:
+    """The run.json keys the side-by-side table reads."""
+    return {
+        "variant": variant,
+        "repeat": 1,
+        "requests": {"ok": 100},
+        "throughput_rps": 50.0,
+        "latency_ms": {"p99": 120.0},
+        "rss_mib": {"peak": 80.0, "growth": 12.5},
+        "process": {"threads_max": 9, "open_files_max": 30},
+        "database": {
+            "dialect": dialect,
+            "connectionsOpened": 100 if variant == "naive" else 5,
+            "pool": {"sizing": "prisma", "poolSize": 5, "maxOverflow": 0},
+        },
+        **({"db_server": server} if server else {}),
+    }
+
+
+def test_the_side_by_side_rows_add_the_backends_to_the_app():
+    server = {
+        "connections_max": 16,
+        "backends_rss_mib_peak": 200.0,
+        "backends_anon_mib_peak": 40.0,
+        "server_rss_mib_peak": 330.0,
+    }
+    runs = [
+        run_data("sqlite", "naive", None),
+        run_data("postgresql", "naive", server),
+        run_data("postgresql", "optimized", server),
+    ]
+    rows = backends.client_rows(runs)
+    assert [(r["backend"], r["pool"]) for r in rows] == [
+        ("sqlite", "per request"),
+        ("postgresql", "per request"),
+        ("postgresql", "prisma (5+0)"),
+    ]
+    assert rows[0]["server_connections_max"] is None
+    assert rows[0]["app_plus_backends_mib_peak"] == 80.0
+    assert rows[1]["server_connections_max"] == 16
+    assert rows[1]["app_plus_backends_mib_peak"] == 280.0
+    table = backends.markdown(rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert table[2].startswith("| sqlite | naive | per request | 50.0 | 120.0 |")
+    assert table[3].endswith("| 16 | 200.0 | 330.0 |")
+
+
+def test_an_unreachable_server_is_told_as_none():
+    assert backends.reachable_pg_url("postgresql+asyncpg://u:p@127.0.0.1:1/db") is None
