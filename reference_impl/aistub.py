@@ -53,7 +53,7 @@ DEFAULT_MAX_BODY_MIB = 256
 HANG_LIMIT_S = 600.0
 
 #: The opening of a JSON string holding a base64 data URL.
-DATA_URL_HEAD = re.compile(rb'"data:([^;",\\]{1,100});base64,')
+DATA_URL_HEAD = re.compile(rb'"data:([^;",]{1,100});base64,')
 
 CONDITIONS = (
     ("caries", "restore the lesion"),
@@ -148,14 +148,14 @@ class Inspection:
     body_bytes: int
 
 
-def _decode_image(n: int, mime_type: str, text: memoryview) -> ImageInfo:
+def _decode_image(n: int, mime_type: str, text: memoryview, escaped: bool) -> ImageInfo:
     from PIL import Image, UnidentifiedImageError
 
     where = f"image {n}"
     if not mime_type.startswith("image/"):
         raise Rejected(f"{where}: data URL type {mime_type!r} is not image/*", "url")
     raw: bytes | memoryview = text
-    if b"\\" in text:
+    if escaped:
         # A JSON encoder may escape "/" as "\/"; nothing else belongs in base64.
         raw = bytes(text).replace(b"\\/", b"/")
         if b"\\" in raw:
@@ -198,8 +198,11 @@ def inspect_payload(body: bytes | bytearray, max_images: int) -> Inspection:
                 f" {max_images}",
                 "messages",
             )
-        mime_type = match.group(1).decode("ascii", errors="replace")
-        images.append(_decode_image(len(images) + 1, mime_type, view[start:end]))
+        mime_type = match.group(1).replace(b"\\/", b"/").decode("ascii", "replace")
+        escaped = body.find(b"\\", start, end) >= 0
+        images.append(
+            _decode_image(len(images) + 1, mime_type, view[start:end], escaped)
+        )
         skeleton.append(bytes(view[position:start]))
         position = end
     skeleton.append(bytes(view[position:]))

@@ -8,6 +8,7 @@ import datetime as dt
 import gc
 import json
 import random
+import time
 import tracemalloc
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -162,6 +163,17 @@ def stub_control(ai_url: str, **changes: Any) -> dict[str, Any]:
         response = httpx.get(url, timeout=10)
     response.raise_for_status()
     return response.json()
+
+
+def wait_until_idle(ai_url: str, polls: int = 100) -> dict[str, Any]:
+    """The stub's state once nothing is in flight (polled at most ``polls`` times
+    50 ms apart: a client that gave up has closed its connection by then)."""
+    for _ in range(polls):
+        state = stub_control(ai_url)
+        if state["inFlight"] == 0:
+            break
+        time.sleep(0.05)
+    return state
 
 
 # -- memory a call leaves behind ---------------------------------------------------

@@ -1,0 +1,196 @@
+"""The diagnosis route when the AI service fails: down, slower than the
+client's timeout, hanging, answering garbage, answering 500 or dropping the
+connection. Every form answers 502 or 504 naming the fault, releases its
+connection to the service, and the optimized forms hold no payload
+afterwards, even with the cycle collector off."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+from ai_support import (
+    TestClient,
+    build_clinic,
+    bytes_left_behind,
+    running_stub,
+    stub_control,
+    wait_until_idle,
+)
+
+from benchmarks.serverproc import free_port
+from reference_impl import imagegen
+from reference_impl.app import create_app
+from reference_impl.config import Settings
+from reference_impl.server import dataset_locations
+
+pytestmark = pytest.mark.integration
+
+VARIANTS = ("naive", "optimized", "optimized-plus")
+ROUTE = "/api/ai/dental-diagnosis"
+#: The server's timeout for the AI service; "slow" answers after 5 times it.
+AI_TIMEOUT_S = 1.0
+MIB = 1024 * 1024
+
+#: (name, stub settings, status, code). A hang and a slow answer look the
+#: same to the server; in-process tests run only the slow one.
+FAULTS = [
+    ("answers_500", {"failMode": "500"}, 502, "ai_error"),
+    ("answers_garbage", {"failMode": "garbage"}, 502, "ai_bad_response"),
+    ("drops_connection", {"failMode": "disconnect"}, 502, "ai_unavailable"),
+    ("hangs", {"failMode": "hang"}, 504, "ai_timeout"),
+    ("slower_than_timeout", {"delayS": 5 * AI_TIMEOUT_S}, 504, "ai_timeout"),
+]
+HEALTHY = {"failMode": "none", "delayS": 0}
+
+
+@pytest.fixture(scope="module")
+def clinic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Patient 1 has six images of 0.2-0.5 MB, two of them wider than 1024 px."""
+    rng = random.Random(5)
+    files = [
+        imagegen.generate("panoramic", rng, 0.5),
+        imagegen.generate("bitewing", rng, 0.7),
+        imagegen.generate("periapical", rng, 0.4),
+    ]
+    return build_clinic(tmp_path_factory.mktemp("faults") / "clinic", [6], files)
+
+
+@pytest.fixture(scope="module")
+def ai_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_stub(tmp_path_factory.mktemp("stub")) as url:
+        yield url
+
+
+@pytest.fixture
+def stub(ai_url: str) -> Iterator[str]:
+    """The module's stub, healthy again and idle after the test."""
+    yield ai_url
+    stub_control(ai_url, **HEALTHY)
+    assert wait_until_idle(ai_url)["inFlight"] == 0
+
+
+def app_for(dataset: Path, variant: str, ai_url: str):
+    db_url, storage = dataset_locations(dataset)
+    settings = Settings.for_variant(
+        variant,
+        db_url=db_url,
+        storage_dir=storage,
+        ai_url=ai_url,
+        ai_timeout_s=AI_TIMEOUT_S,
+    )
+    return create_app(settings)
+
+
+@pytest.fixture(scope="module")
+def clients(clinic: Path, ai_url: str) -> Iterator[dict[str, TestClient]]:
+    with ExitStack() as stack:
+        yield {
+            variant: stack.enter_context(TestClient(app_for(clinic, variant, ai_url)))
+            for variant in VARIANTS
+        }
+
+
+def diagnose(client: TestClient) -> httpx.Response:
+    return client.post(ROUTE, json={"patientId": 1})
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    ("changes", "status", "code"),
+    [fault[1:] for fault in FAULTS if fault[0] != "hangs"],
+    ids=[fault[0] for fault in FAULTS if fault[0] != "hangs"],
+)
+def test_fault_is_answered_and_nothing_is_held(
+    clients, stub, variant, changes, status, code
+):
+    client = clients[variant]
+    assert diagnose(client).status_code == 200  # warm, and the stub is healthy
+    stub_control(stub, **changes)
+    response, left = bytes_left_behind(lambda: diagnose(client))
+    assert_error(response, status, code)
+    # The server closed its connection: the stub sees no request in flight.
+    assert wait_until_idle(stub)["inFlight"] == 0
+    if variant != "naive":
+        assert left < MIB
+    stub_control(stub, **HEALTHY)
+    assert diagnose(client).status_code == 200
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ai_service_down(clinic, variant):
+    dead_url = f"http://127.0.0.1:{free_port()}/v1"
+    with TestClient(app_for(clinic, variant, dead_url)) as client:
+        assert_error(diagnose(client), 502, "ai_unavailable")
+        response, left = bytes_left_behind(lambda: diagnose(client))
+        assert_error(response, 502, "ai_unavailable")
+        assert dead_url in response.json()["error"]["message"]
+        if variant != "naive":
+            assert left < MIB
+        assert client.get("/healthz").json()["status"] == "ok"
+
+
+# -- real server processes under concurrent faults ---------------------------------
+
+CONCURRENT = 3
+
+
+def burst(base_urls: list[str], count: int) -> list[list[tuple[int, str | None]]]:
+    """``count`` concurrent diagnoses on each server at once: for each server,
+    the (status, error code) of its answers."""
+
+    def one(base_url: str) -> tuple[int, str | None]:
+        # The client's own timeout bounds the test should a server hang.
+        response = httpx.post(base_url + ROUTE, json={"patientId": 1}, timeout=30)
+        return response.status_code, response.json().get("error", {}).get("code")
+
+    targets = [url for url in base_urls for _ in range(count)]
+    with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+        answers = list(pool.map(one, targets))
+    return [answers[i * count : (i + 1) * count] for i in range(len(base_urls))]
+
+
+def open_files(base_url: str) -> int:
+    stats = httpx.get(base_url + "/debug/stats", timeout=10).json()
+    return stats["process"]["openFiles"]
+
+
+def test_server_processes_stay_healthy_through_faults(serve_app, clinic, stub):
+    servers = [
+        serve_app(
+            variant,
+            dataset=clinic,
+            ai_url=stub,
+            extra=["--ai-timeout", str(AI_TIMEOUT_S)],
+        )
+        for variant in VARIANTS
+    ]
+    healthy = [[(200, None)] * CONCURRENT] * len(servers)
+    assert burst(servers, CONCURRENT) == healthy
+    before = [open_files(url) for url in servers]
+    for _, changes, status, code in FAULTS:
+        stub_control(stub, **HEALTHY)
+        stub_control(stub, **changes)
+        expected = [[(status, code)] * CONCURRENT] * len(servers)
+        assert burst(servers, CONCURRENT) == expected
+    after = [open_files(url) for url in servers]
+    stub_control(stub, **HEALTHY)
+    assert wait_until_idle(stub)["inFlight"] == 0
+    # The pools kept the healthy burst's connections to the stub; the faults
+    # (the last ones timeouts) left no more sockets open than that.
+    assert all(a <= b for a, b in zip(after, before, strict=True)), (before, after)
+    assert burst(servers, CONCURRENT) == healthy
+    for url in servers:
+        assert httpx.get(url + "/healthz", timeout=10).json()["status"] == "ok"
