@@ -573,9 +573,10 @@ def analysis_document(
 ) -> dict[str, Any]:
     """What the vision model said about one image, about ``target_bytes`` long.
 
-    The base (a finding per tooth, landmarks, measurements) is 2-6 KiB; more
+    The base (an entry per tooth, landmarks, measurements) is 3-6 KiB; more
     findings are added until the compact JSON reaches ``target_bytes``, the
-    last one's description cut to land within a few bytes of it.
+    last one's description cut at a word to land a few bytes short of it. A
+    target below the base gives the base alone.
     """
     doc: dict[str, Any] = {
         "model": {"name": "dentalvision", "version": "2.4.1"},
@@ -601,21 +602,31 @@ def analysis_document(
     )
     size = len(_compact(doc))
     findings = doc["findings"]
-    while True:
+    misses = 0
+    while misses < 5:
         item = _finding(rng, len(findings) + 1, width, height)
         cost = len(_compact(item)) + (1 if findings else 0)
         if size + cost <= target_bytes:
             findings.append(item)
             size += cost
             continue
-        excess = size + cost - target_bytes
-        # The cut keeps at least 20 characters of the description.
-        if len(item["description"]) - excess >= 20:
-            item["description"] = item["description"][
-                : len(item["description"]) - excess
-            ]
+        # The last finding's description is cut at a word to fit, when a few
+        # words of it remain; else another finding is tried.
+        keep = len(item["description"]) - (size + cost - target_bytes) - 1
+        cut = item["description"][: max(keep, 0)].rsplit(" ", 1)[0].rstrip(",;.")
+        if len(cut) >= 20:
+            item["description"] = cut + "."
             findings.append(item)
-        return doc
+            size += len(_compact(item)) + (1 if len(findings) > 1 else 0)
+            break
+        misses += 1
+    # What no finding fits into goes to the summary's advice, cut at a word.
+    gap = target_bytes - size - 1
+    if gap > 1:
+        advice = " ".join(rng.sample(RECOMMENDATIONS, len(RECOMMENDATIONS)))
+        cut = advice[:gap].rsplit(" ", 1)[0] if len(advice) > gap else advice
+        doc["summary"] += " " + cut
+    return doc
 
 
 # -- rows ----------------------------------------------------------------------
