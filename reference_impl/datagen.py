@@ -913,6 +913,49 @@ async def _insert(conn, table, rows: list[dict[str, Any]]) -> None:
         await conn.execute(insert(table), rows[start : start + BATCH_ROWS])
 
 
+def _shown(db_url: str) -> str:
+    """The URL with its password masked, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return repr(make_url(db_url).render_as_string(hide_password=True))
+    except Exception:
+        return "(an unparsable URL)" if "@" in db_url else repr(db_url)
+
+
+def check_db_url(db_url: str) -> None:
+    """Refuse a URL SQLAlchemy cannot parse or whose driver is not async."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(db_url)
+        dialect = url.get_dialect()
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise UsageError(
+            f"--db {_shown(db_url)} is not an SQLAlchemy URL"
+            f" (e.g. postgresql+asyncpg://user:pass@host/db): {exc}"
+        ) from exc
+    if not getattr(dialect, "is_async", False):
+        raise UsageError(
+            f"--db {_shown(db_url)} names the synchronous driver"
+            f" {url.drivername!r}; name an async one, such as postgresql+asyncpg"
+            " or sqlite+aiosqlite"
+        )
+
+
+def _engine(db_url: str):
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    check_db_url(db_url)
+    try:
+        return create_async_engine(db_url, json_serializer=_compact)
+    except ImportError as exc:
+        raise UsageError(
+            f"the driver of --db {_shown(db_url)} is not installed: {exc}"
+        ) from exc
+
+
 async def fill_database(
     db_url: str, seed: int, params: DatasetParams, pool: list[PoolFile]
 ) -> tuple[Totals, str, str]:
@@ -921,7 +964,7 @@ async def fill_database(
     Returns the totals and the first user's email and password.
     """
     from sqlalchemy import event, text
-    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.exc import DBAPIError
 
     from reference_impl.models import (
         Base,
@@ -933,7 +976,7 @@ async def fill_database(
         User,
     )
 
-    engine = create_async_engine(db_url, json_serializer=_compact)
+    engine = _engine(db_url)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -947,9 +990,14 @@ async def fill_database(
 
     totals = Totals()
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.drop_all)
-            await conn.run_sync(Base.metadata.create_all)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+                await conn.run_sync(Base.metadata.create_all)
+        except (OSError, DBAPIError) as exc:
+            raise UsageError(
+                f"cannot reach the database {_shown(db_url)}: {exc}"
+            ) from exc
         async with engine.begin() as conn:
             users, password = user_rows(random.Random(f"{seed}/users"), params.users)
             await _insert(conn, User.__table__, users)
@@ -1073,6 +1121,8 @@ def build_dataset(
     """Build a dataset from explicit parameters into ``out``; see :func:`build`."""
     out = Path(out)
     _check_replaceable(out)
+    if db_url is not None:
+        check_db_url(db_url)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -1173,7 +1223,7 @@ def report(manifest: dict[str, Any], out: Path, elapsed_s: float) -> str:
         f" {counts['invoices']} ({counts['invoice_items']} items), exchange rates"
         f" {counts['exchange_rates']}, users {counts['users']}",
         f"  database {_mib(sizes['database'])}"
-        + (f" at {manifest['db_url']}" if manifest.get("db_url") else "")
+        + (f" at {_shown(manifest['db_url'])}" if manifest.get("db_url") else "")
         + f", image files {_mib(sizes['images'])}, analysis JSON"
         f" {_mib(sizes['analysis'])} ({sizes['analysis_mean'] / 1024:.1f} KiB a row)",
     ]

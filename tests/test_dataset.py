@@ -285,6 +285,23 @@ def test_an_unknown_preset_exits_2_with_a_clear_message(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("nonsense", "--db 'nonsense' is not an SQLAlchemy URL"),
+        ("postgresql://u:secret@127.0.0.1/x", "names the synchronous driver"),
+    ],
+)
+def test_an_unusable_db_url_exits_2_before_any_work(tmp_path, capsys, url, message):
+    out = tmp_path / "x"
+    code = cli.main(["dataset", "build", "--out", str(out), "--db", url])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "secret" not in err
+    assert not out.exists()
+
+
 def test_dataset_needs_an_action(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["dataset"])
