@@ -134,7 +134,7 @@ async def exchange(
             "ai_timeout",
             f"the AI service at {url} did not answer within {deadline_s:g} s",
         )
-    except httpx.ConnectError as exc:
+    except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:
         return ApiError(
             502, "ai_unavailable", f"cannot reach the AI service at {url}: {exc}"
         )

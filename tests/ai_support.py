@@ -10,7 +10,6 @@ import json
 import random
 import time
 import tracemalloc
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,14 +22,6 @@ from sqlalchemy.orm import Session
 from benchmarks.serverproc import ServerProcess, free_port, membench_command
 from reference_impl import imagegen
 from reference_impl.models import Base, Patient, RadiologyImage
-
-with warnings.catch_warnings():
-    # Starlette 1.x warns on import that its test client wants httpx2; the
-    # suite runs with warnings as errors.
-    warnings.filterwarnings("ignore", message=".*install `httpx2`")
-    from starlette.testclient import TestClient
-
-__all__ = ["TestClient"]
 
 DATABASE_NAME = "clinic.sqlite"
 IMAGES_DIR = "images"

@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 from ai_support import (
-    TestClient,
     build_clinic,
     bytes_left_behind,
     running_stub,
     stub_control,
     wait_until_idle,
 )
+from starlette.testclient import TestClient
 
 from benchmarks.serverproc import free_port
 from reference_impl import imagegen

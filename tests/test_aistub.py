@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 from ai_support import (
-    TestClient,
     running_stub,
     stub_control,
     stub_root,
     wait_until_idle,
 )
 from PIL import Image
+from starlette.testclient import TestClient
 
 from reference_impl import aistub, cli
 

@@ -17,7 +17,6 @@ import anyio
 import httpx
 import pytest
 from ai_support import (
-    TestClient,
     build_clinic,
     bytes_left_behind,
     file_sizes,
@@ -26,6 +25,7 @@ from ai_support import (
     stub_control,
 )
 from PIL import Image
+from starlette.testclient import TestClient
 
 from benchmarks.serverproc import ServerProcess, free_port, serve_args
 from reference_impl import aiclient, imagegen
@@ -382,14 +382,13 @@ def test_payload_freed_without_the_cycle_collector(clients, ai_url, variant):
 
 LOAD_CONCURRENCY = 4
 LOAD_ROUNDS = 1
-LOAD_IMAGE_BYTES = 2_000_000
 
 
 @pytest.fixture(scope="module")
 def heavy_clinic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One patient with ten ~2 MB panoramics (three distinct files)."""
+    """One patient with ten full-size panoramics of ~2 MB (three distinct files)."""
     rng = random.Random(11)
-    files = [imagegen.generate_of_size(LOAD_IMAGE_BYTES, rng) for _ in range(3)]
+    files = [imagegen.generate("panoramic", rng) for _ in range(3)]
     return build_clinic(tmp_path_factory.mktemp("heavy") / "clinic", [10], files)
 
 
@@ -424,8 +423,8 @@ def test_memory_growth_orders_the_forms(heavy_clinic, tmp_path):
             with ServerProcess(command, port=port, log_path=log_path) as server:
                 growth[variant] = growth_under_load_mib(server.base_url, variant)
     print(
-        f"peak RSS growth over baseline, {LOAD_ROUNDS} rounds of {LOAD_CONCURRENCY}"
-        f" concurrent diagnoses of ten {LOAD_IMAGE_BYTES / 1e6:g} MB images (MiB): "
+        f"peak RSS growth over baseline, {LOAD_ROUNDS} round(s) of"
+        f" {LOAD_CONCURRENCY} concurrent diagnoses of ten ~2 MB images (MiB): "
         + ", ".join(f"{variant} {mib:.0f}" for variant, mib in growth.items())
     )
     assert growth["optimized"] < 0.8 * growth["naive"]

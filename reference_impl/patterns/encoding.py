@@ -272,8 +272,8 @@ def read_data_url(image: ImageRef) -> str:
 def shrink_image(image: ImageRef) -> tuple[str, bytes]:
     """The image at most MAX_SIDE_PX on a side: (MIME type, file bytes).
 
-    An image that already fits is sent as it is; a larger one is decoded at
-    a reduced size where the format allows (JPEG), shrunk and re-encoded.
+    An image that already fits is sent as it is; a larger one is decoded,
+    shrunk and re-encoded as JPEG.
     """
     from PIL import Image, UnidentifiedImageError
 
