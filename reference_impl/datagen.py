@@ -61,6 +61,9 @@ EPOCH = dt.datetime(2025, 1, 1, 9, 0, 0)
 HISTORY_DAYS = 3 * 365
 #: Rows inserted per statement.
 BATCH_ROWS = 200
+#: Patients generated (with their images and invoices) before an insert, so
+#: a large clinic never sits in memory whole.
+BATCH_PATIENTS = 25
 BASE_CURRENCY = "USD"
 
 #: How often a clinic takes each kind, and so how the pool is split.
@@ -1008,7 +1011,9 @@ async def fill_database(
             )
             await _insert(conn, ExchangeRate.__table__, rates)
             totals.counts.update(users=len(users), exchange_rates=len(rates))
-            batches = patient_batches(seed, params, pool, _rate_lookup(rates), 25)
+            batches = patient_batches(
+                seed, params, pool, _rate_lookup(rates), BATCH_PATIENTS
+            )
             for batch in batches:
                 await _insert(conn, Patient.__table__, batch.patients)
                 await _insert(conn, RadiologyImage.__table__, batch.images)
