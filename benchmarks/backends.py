@@ -15,6 +15,7 @@ From a notebook::
     runs = backends.measure_client("ci", out="results/client", pg_url=url)
     rows = backends.client_rows(runs)       # one dict per run
     print(backends.markdown(rows))
+    backends.write(rows, "results/client")  # client-side-by-side.json and .md
 
 PostgreSQL runs serve a database ``membench_<preset>`` on the server the URL
 names, created and loaded the first time (the role needs CREATEDB), and
@@ -186,6 +187,7 @@ def client_rows(runs: Sequence[Any]) -> list[dict[str, Any]]:
         pool = database.get("pool") or {}
         rows.append(
             {
+                "run_dir": str(run.path) if hasattr(run, "path") else None,
                 "backend": database.get("dialect", "?"),
                 "variant": data["variant"],
                 "pool": "per request"
@@ -251,3 +253,13 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(cell(row[key]) for key, _ in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def write(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
+    """``client-side-by-side.json`` and ``.md`` in ``out``; the JSON's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "client-side-by-side.json"
+    path.write_text(json.dumps(list(rows), indent=2) + "\n")
+    (out / "client-side-by-side.md").write_text(markdown(rows) + "\n")
+    return path
