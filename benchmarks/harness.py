@@ -656,8 +656,8 @@ def measure(spec: RunSpec, workspace: Workspace, options: Options) -> RunResult:
                 f"{len(plan)} requests at concurrency {load_['concurrency']}",
                 pid=server.pid,
             )
-            every = max(1, len(plan) // 10) if len(plan) >= 50 else None
-            progress = _progress_logger(tag, t0, phases.now()) if every else None
+            every = max(1, len(plan) // 10)
+            progress = _progress_logger(tag, t0, phases.now())
             _drive(server, plan, load_, t0, measured, progress, every)
 
         if server.alive():
@@ -1002,7 +1002,12 @@ def _trend(
         if start <= t <= end:
             xs.append(answered_by(t) / 1000)
             ys.append(value)
-    out: dict[str, Any] = {"rss_mib_per_1k_requests": _round(slope(xs, ys), 4)}
+    half = len(xs) // 2
+    out: dict[str, Any] = {
+        "rss_mib_per_1k_requests": _round(slope(xs, ys), 4),
+        # The second half alone: what is left once the allocator has settled.
+        "rss_mib_per_1k_requests_second_half": _round(slope(xs[half:], ys[half:]), 4),
+    }
     rows = [r for r in proc_rows if start <= r["t_s"] <= end]
     for column in ("threads", "open_files"):
         px = [answered_by(r["t_s"]) / 1000 for r in rows]

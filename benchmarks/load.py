@@ -205,14 +205,16 @@ async def drive(
     abort: Callable[[], bool] | None = None,
     progress: ProgressFn | None = None,
     progress_every: int | None = None,
+    progress_every_s: float = 20.0,
     result: LoadResult | None = None,
 ) -> LoadResult:
     """Send ``plan`` with ``concurrency`` requests in flight; see the module doc.
 
     ``t0`` is the ``time.monotonic()`` reading that record times count from.
     ``progress(done, planned, no_answer_so_far)`` is called every
-    ``progress_every`` answers. Records go into ``result`` as they come, so a
-    caller that passes one keeps them even if the load is interrupted.
+    ``progress_every`` answers, and every ``progress_every_s`` seconds.
+    Records go into ``result`` as they come, so a caller that passes one
+    keeps them even if the load is interrupted.
     """
     if result is None:
         result = LoadResult(planned=len(plan))
@@ -262,7 +264,12 @@ async def drive(
 
     async def watch(deadline: float) -> None:
         # Wakes every 100 ms; the workers keep the event loop otherwise.
+        next_report = time.monotonic() + progress_every_s
         while not stop.is_set():
+            if progress and time.monotonic() >= next_report:
+                # Slow requests: a line now and then even between counts.
+                progress(len(result.records), result.planned, no_answer)
+                next_report = time.monotonic() + progress_every_s
             if time.monotonic() >= deadline:
                 result.timed_out = True
                 stop.set()

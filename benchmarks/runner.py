@@ -50,9 +50,30 @@ From Python (a notebook)::
     runner.load_runs("results/listing")   # every run.json under a folder
 
 ``overrides`` replace keys of the preset's load (``requests``,
-``concurrency``, ``warmup``, ``timeout_s``, ``tail_s``, ``upload_mib``,
-``images``, ``image_mib``, ``body_mib``, ``weights.ROUTE``), as
-``--set KEY=VALUE`` does on the command line.
+``concurrency``, ``warmup``, ``timeout_s``, ``tail_s``, ``baseline_s``,
+``upload_mib``, ``images``, ``image_mib``, ``body_mib``, ``weights.ROUTE``),
+as ``--set KEY=VALUE`` does on the command line. To vary the dataset
+(patients, images per patient, image sizes), build one with ``membench
+dataset build`` and pass its folder as ``dataset=`` / ``--dataset``.
+
+Limitations, and when they go away:
+
+- A load that reaches its ``timeout_s`` cancels what is in flight on the
+  client side only: the server goes on computing those requests, so the
+  tail, ``end`` and ``release_mib`` of such a run include that work
+  (``requests.errors`` then counts ``Cancelled``). The presets are
+  calibrated so their loads end well within their timeouts.
+- ``VmHWM`` is updated by the kernel from its per-CPU batched RSS counters,
+  so a 10 ms sample can read up to a fraction of a MiB above it
+  (``benchmarks/instrument_bench.py`` measures this); ``hwm`` is at least
+  the sampled ``peak`` within that slack.
+- With ``--db URL`` the runs write into that database: uploads and the
+  images the diagnosis setup uploads stay there. On the default SQLite
+  dataset every run serves its own copy instead.
+- The memory cap is enforced by the sampler (a SIGKILL within one 10 ms tick
+  of crossing it) rather than by a cgroup, which needs a delegated cgroup v2
+  memory controller these machines do not have; a server allocating faster
+  than ~100 MiB per tick can overshoot the cap by that much.
 """
 
 from __future__ import annotations
