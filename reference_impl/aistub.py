@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions`` takes an OpenAI-style chat completion whose
 user message holds the images as base64 ``image_url`` data URLs. The stub
 checks the payload (JSON with a model and messages, every data URL decodes
-to an image whose header Pillow reads, no more images than ``--max-images``)
+to an image whose header Pillow reads, no more images than ``--max-images``,
+none larger than ``--max-image-mib``)
 and answers 400 with an OpenAI-style error otherwise, or a ``chat.completion``
 whose message content is a JSON dental diagnosis: findings per image, teeth,
 a summary, and the image count and decoded sizes it received.
@@ -49,6 +50,8 @@ FAIL_MODES = ("none", "500", "garbage", "hang", "disconnect")
 DEFAULT_PORT = 8090
 DEFAULT_MAX_IMAGES = 10
 DEFAULT_MAX_BODY_MIB = 256
+#: OpenAI's limit on one image.
+DEFAULT_MAX_IMAGE_MIB = 20
 #: A hung request gives up by itself after this long, client or not.
 HANG_LIMIT_S = 600.0
 
@@ -79,6 +82,7 @@ class StubState:
     fail_mode: str = "none"
     max_images: int = DEFAULT_MAX_IMAGES
     max_body_bytes: int = DEFAULT_MAX_BODY_MIB * 1024 * 1024
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_MIB * 1024 * 1024
     requests: int = 0
     in_flight: int = 0
     abandoned: int = 0
@@ -177,7 +181,9 @@ def _decode_image(n: int, mime_type: str, text: memoryview, escaped: bool) -> Im
     return ImageInfo(mime_type, image_format, width, height, len(decoded))
 
 
-def inspect_payload(body: bytes | bytearray, max_images: int) -> Inspection:
+def inspect_payload(
+    body: bytes | bytearray, max_images: int, max_image_bytes: int
+) -> Inspection:
     """Check a chat-completions body, decoding one image at a time.
 
     The base64 texts are cut out of the body as they are checked; the JSON
@@ -197,6 +203,12 @@ def inspect_payload(body: bytes | bytearray, max_images: int) -> Inspection:
                 f"more than {max_images} images; this service takes at most"
                 f" {max_images}",
                 "messages",
+            )
+        if (end - start) // 4 * 3 > max_image_bytes:
+            raise Rejected(
+                f"image {len(images) + 1} is over {max_image_bytes} bytes; this"
+                " service takes images up to that size",
+                "url",
             )
         mime_type = match.group(1).replace(b"\\/", b"/").decode("ascii", "replace")
         escaped = body.find(b"\\", start, end) >= 0
@@ -433,7 +445,7 @@ async def _answer(request: Request, state: StubState, number: int) -> Response:
         # Decoding tens of MB of base64 takes a while: a worker thread does it
         # so the loop keeps answering /control and other requests.
         inspection = await anyio.to_thread.run_sync(
-            inspect_payload, body, state.max_images
+            inspect_payload, body, state.max_images, state.max_image_bytes
         )
     except Rejected as exc:
         return openai_error(400, exc.message, "invalid_request_error", exc.param)
@@ -498,6 +510,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"most images a request may hold (default {DEFAULT_MAX_IMAGES})",
     )
     parser.add_argument(
+        "--max-image-mib",
+        type=float,
+        default=DEFAULT_MAX_IMAGE_MIB,
+        metavar="MIB",
+        help=f"largest image a request may hold (default {DEFAULT_MAX_IMAGE_MIB})",
+    )
+    parser.add_argument(
         "--max-body-mib",
         type=float,
         default=DEFAULT_MAX_BODY_MIB,
@@ -514,9 +533,16 @@ OPTION_NAMES = {
 
 
 def state_from_args(args: argparse.Namespace) -> StubState:
-    if args.max_body_mib <= 0:
-        raise UsageError(f"--max-body-mib={args.max_body_mib} must be greater than 0")
-    state = StubState(max_body_bytes=int(args.max_body_mib * 1024 * 1024))
+    for option, value in (
+        ("--max-body-mib", args.max_body_mib),
+        ("--max-image-mib", args.max_image_mib),
+    ):
+        if value <= 0:
+            raise UsageError(f"{option}={value:g} must be greater than 0")
+    state = StubState(
+        max_body_bytes=int(args.max_body_mib * 1024 * 1024),
+        max_image_bytes=int(args.max_image_mib * 1024 * 1024),
+    )
     try:
         state.update(
             {

@@ -48,7 +48,8 @@ def chat(*urls: str, model: str = "vision-test") -> dict:
 
 @pytest.fixture
 def stub() -> TestClient:
-    with TestClient(aistub.create_stub_app(aistub.StubState(max_images=3))) as client:
+    state = aistub.StubState(max_images=3, max_image_bytes=100_000)
+    with TestClient(aistub.create_stub_app(state)) as client:
         yield client
 
 
@@ -106,6 +107,7 @@ REFUSED = [
     ("http_url", chat(GOOD, "https://example.test/x.png"), "data URLs"),
     ("no_images", chat(), "no image_url"),
     ("too_many", chat(GOOD, GOOD, GOOD, GOOD), "at most 3"),
+    ("too_large", chat(data_url(bytes(200_000))), "over 100000 bytes"),
     ("bad_role", {"model": "m", "messages": [{"role": "x"}]}, "role"),
 ]
 
@@ -179,6 +181,7 @@ def test_apps_do_not_share_state():
         (["--delay", "-1"], "--delay=-1"),
         (["--max-images", "0"], "--max-images=0"),
         (["--max-body-mib", "0"], "--max-body-mib=0"),
+        (["--max-image-mib", "-1"], "--max-image-mib=-1"),
     ],
 )
 def test_command_line_mistakes_exit_2(capsys, args, named):
