@@ -70,9 +70,10 @@ pick_port() {
 }
 
 # Run a command as the server's owner: `postgres` when we are root, else us.
+# From `/`, since the owner may not be allowed into the current folder.
 as_owner() {
     if [[ $(id -u) -eq 0 ]]; then
-        runuser -u "$PG_USER_DEFAULT" -- "$@"
+        (cd / && runuser -u "$PG_USER_DEFAULT" -- "$@")
     else
         "$@"
     fi
