@@ -142,6 +142,8 @@ class Options:
     proc_interval_ms: float = 200.0
     keep: bool = False
     on_event: EventFn | None = None
+    #: The server's database pool sizing (``membench serve --pool-size``).
+    pool_size: str | None = None
 
     def load_for(self, scenario: str) -> dict[str, Any]:
         """The preset's load of ``scenario`` with the overrides applied."""
@@ -624,6 +626,7 @@ def measure(spec: RunSpec, workspace: Workspace, options: Options) -> RunResult:
                 db=db_url,
                 storage=storage,
                 ai_url=f"{ai.base_url}/v1" if ai is not None else None,
+                extra=("--pool-size", options.pool_size) if options.pool_size else (),
             ),
             port=port,
             env=env,

@@ -98,6 +98,7 @@ from benchmarks.harness import (
 )
 from reference_impl.config import parse_patterns
 from reference_impl.errors import UsageError
+from reference_impl.patterns.client import pool_options
 from reference_impl.presets import PRESET_NAMES, default_dataset_dir, load_preset
 
 log = logging.getLogger("benchmarks")
@@ -217,6 +218,7 @@ def run_scenario(
     keep: bool = False,
     write_summary: bool = True,
     on_event: EventFn | None = None,
+    pool_size: str | None = None,
 ) -> list[RunResult]:
     """Measure ``scenario`` for each variant, ``repeat`` times interleaved.
 
@@ -225,7 +227,8 @@ def run_scenario(
     folder, ``.data``: its run.json), in the order they ran. With
     ``write_summary`` the comparison lands in ``out``/summary.json and .md.
     ``on_event(phase, info)`` is called as each phase of a run starts
-    (``info["pid"]`` is the server's pid once it runs).
+    (``info["pid"]`` is the server's pid once it runs). ``pool_size`` sizes
+    the server's database pool (``sqlalchemy``, ``prisma`` or a number).
     """
     if repeat < 1:
         raise UsageError(f"repeat={repeat} must be at least 1")
@@ -243,6 +246,8 @@ def run_scenario(
     if not variants:
         raise UsageError("no variant named")
     naive_patterns = tuple(sorted(parse_patterns(",".join(naive))))
+    if pool_size is not None:
+        pool_options(pool_size)  # a bad sizing fails before any server starts
     out_dir = Path(out)
     options = Options(
         preset=load_preset(preset),
@@ -258,6 +263,7 @@ def run_scenario(
         interval_ms=interval_ms,
         keep=keep,
         on_event=on_event,
+        pool_size=pool_size,
     )
     for name in names:
         options.load_for(name)  # a missing load or a bad override fails early
@@ -350,6 +356,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep", action="store_true", help="keep each run's database copy"
     )
+    parser.add_argument(
+        "--pool-size",
+        metavar="SIZING",
+        help="the server's database pool: sqlalchemy, prisma or a number"
+        " (see membench serve --help)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -423,6 +435,7 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed,
             interval_ms=args.interval_ms,
             keep=args.keep,
+            pool_size=args.pool_size,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
