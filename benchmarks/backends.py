@@ -24,11 +24,10 @@ described by a dataset folder ``<out>/datasets/<preset>-pg``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,20 +113,6 @@ def _holds(url: str, manifest: dict[str, Any]) -> bool:
     )
 
 
-@contextlib.contextmanager
-def pool_sizing(sizing: str) -> Iterator[None]:
-    """Servers started meanwhile size their pool so (``MEMBENCH_POOL_SIZE``)."""
-    previous = os.environ.get("MEMBENCH_POOL_SIZE")
-    os.environ["MEMBENCH_POOL_SIZE"] = sizing
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MEMBENCH_POOL_SIZE", None)
-        else:
-            os.environ["MEMBENCH_POOL_SIZE"] = previous
-
-
 def measure_client(
     preset: str,
     out: str | Path,
@@ -155,17 +140,17 @@ def measure_client(
         for variant, sizing in forms:
             name = f"{backend}-naive" if variant == "naive" else None
             folder = out / (name or f"{backend}-optimized-pool-{sizing}")
-            with pool_sizing(sizing):
-                results += runner.run_scenario(
-                    "client",
-                    variant,
-                    preset,
-                    out=folder,
-                    repeat=repeat,
-                    overrides=dict(overrides or {}),
-                    dataset=dataset,
-                    db=db,
-                )
+            results += runner.run_scenario(
+                "client",
+                variant,
+                preset,
+                out=folder,
+                repeat=repeat,
+                overrides=dict(overrides or {}),
+                dataset=dataset,
+                db=db,
+                pool_size=sizing,
+            )
     return results
 
 
