@@ -47,6 +47,7 @@ manager.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import json
@@ -97,9 +98,13 @@ LOAD_DEFAULTS: dict[str, Any] = {
     "images": 5,
     "image_mib": 1.0,
     "body_mib": 2.0,
+    "patient_images": 0,
 }
 #: The patient the encoding setup uploads its images to.
 DIAGNOSIS_PATIENT = 1
+#: The patient given a long imaging history when a load sets
+#: ``patient_images``.
+HISTORY_PATIENT = 2
 #: Seconds a server gets to answer /healthz after it is launched.
 START_TIMEOUT_S = 120.0
 
@@ -261,6 +266,7 @@ class Workspace:
         self.root = options.out / f".work-{stamp}-{os.getpid()}"
         self.base = self.root / "base"
         self._diagnosis: dict[tuple[int, float], list[int]] = {}
+        self._setups: dict[tuple[str, int], int] = {}
         self._prepared = False
 
     # The dataset's own locations.
@@ -365,6 +371,27 @@ class Workspace:
         self._diagnosis[key] = ids
         return ids
 
+    def patient_with_history(self, count: int) -> int:
+        """A patient holding ``count`` image rows, made in the base copy.
+
+        The rows are copies of the dataset's own (their analysis documents
+        included), added to one patient: a patient with a long imaging
+        history, whose image list is what the ``images`` pattern reads.
+        """
+        key = ("history", count)
+        if key not in self._setups:
+            self.prepare()
+            db_url = self.external_db or f"sqlite+aiosqlite:///{self.base_db}"
+            added = asyncio.run(_add_history(db_url, HISTORY_PATIENT, count))
+            log.info(
+                "setup: patient %s holds %s images (%s added)",
+                HISTORY_PATIENT,
+                count,
+                added,
+            )
+            self._setups[key] = HISTORY_PATIENT
+        return self._setups[key]
+
     def context(self, scenario: str, load_: dict[str, Any]) -> scenarios.Context:
         weights = scenarios.weights_for(scenario, load_)
         counts = self.counts()
@@ -386,12 +413,57 @@ class Workspace:
         if "oversized_body" in weights:
             size = int(float(load_["body_mib"]) * MIB)
             ctx.oversized_json = scenarios.oversized_login(email, password, size)
+        if load_.get("patient_images"):
+            ctx.history_patient = self.patient_with_history(
+                int(load_["patient_images"])
+            )
         if "diagnosis" in weights:
             ctx.diagnosis_patient = DIAGNOSIS_PATIENT
             ctx.diagnosis_images = self.diagnosis_images(
                 int(load_["images"]), float(load_["image_mib"])
             )
         return ctx
+
+
+async def _add_history(db_url: str, patient_id: int, count: int) -> int:
+    """Copy image rows to ``patient_id`` until it holds ``count``; rows added."""
+    from sqlalchemy import func, select
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from reference_impl.models import RadiologyImage
+
+    columns = [
+        c.key
+        for c in RadiologyImage.__table__.columns
+        if c.key not in ("id", "patient_id")
+    ]
+    engine = create_async_engine(db_url)
+    try:
+        async with AsyncSession(engine) as session:
+            held = await session.scalar(
+                select(func.count(RadiologyImage.id)).where(
+                    RadiologyImage.patient_id == patient_id
+                )
+            )
+            missing = max(0, count - int(held or 0))
+            sources = list(
+                await session.scalars(
+                    select(RadiologyImage)
+                    .where(RadiologyImage.patient_id != patient_id)
+                    .order_by(RadiologyImage.id)
+                    .limit(missing)
+                )
+            )
+            if missing and not sources:
+                raise UsageError("the dataset holds no image rows to copy")
+            for i in range(missing):
+                source = sources[i % len(sources)]
+                values = {name: getattr(source, name) for name in columns}
+                session.add(RadiologyImage(patient_id=patient_id, **values))
+            await session.commit()
+    finally:
+        await engine.dispose()
+    return missing
 
 
 # -- one run ----------------------------------------------------------------
@@ -902,7 +974,13 @@ def _run_json(
             "overrides": options.overrides,
             **{
                 k: load_[k]
-                for k in ("upload_mib", "images", "image_mib", "body_mib")
+                for k in (
+                    "upload_mib",
+                    "images",
+                    "image_mib",
+                    "body_mib",
+                    "patient_images",
+                )
                 if k in options.preset.load(spec.scenario) or k in options.overrides
             },
             "upload_bytes": len(ctx.upload_file[1]) if ctx.upload_file else None,

@@ -165,6 +165,8 @@ class Context:
     oversized_json: bytes | None = None
     diagnosis_patient: int | None = None
     diagnosis_images: list[int] = field(default_factory=list)
+    #: When set, image lists are asked of this patient (a long history).
+    history_patient: int | None = None
 
 
 def oversized_login(email: str, password: str, size_bytes: int) -> bytes:
@@ -183,8 +185,9 @@ def _request(route: str, rng: random.Random, ctx: Context) -> Request:
     if route == "patient":
         return Request(route, "GET", f"/api/patients/{patient}")
     if route == "images":
+        owner = ctx.history_patient or patient
         return Request(
-            route, "GET", f"/api/patients/{patient}/images?page=1&limit={PAGE_LIMIT}"
+            route, "GET", f"/api/patients/{owner}/images?page=1&limit={PAGE_LIMIT}"
         )
     if route == "upload":
         assert ctx.upload_file is not None, "the plan needs an upload file"
