@@ -55,11 +55,18 @@ def rss_over_time(
 def aligned_rss(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """The run's RSS samples from the ready server on, time counted from the
     start of its measured load."""
+    return aligned(run, "rss", "rss_mib")
+
+
+def aligned(run: Run, table: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A sampled column (``rss`` or ``proc`` table) from the ready server on,
+    time counted from the start of the run's measured load."""
     phases = run.meta["phases"]
-    t_s, rss = run.rss["t_s"], run.rss["rss_mib"]
+    data = getattr(run, table)
+    t_s, values = data["t_s"], data[column]
     ready = phases.get("baseline", phases["load"])["start_s"]
     keep = t_s >= ready
-    return t_s[keep] - phases["load"]["start_s"], rss[keep]
+    return t_s[keep] - phases["load"]["start_s"], values[keep]
 
 
 def peaks(runs: ByVariant, title: str) -> Figure:
@@ -134,17 +141,19 @@ def latency_throughput(runs: ByVariant, title: str) -> Figure:
 
 
 def proc_over_time(runs: ByVariant, title: str) -> Figure:
-    """Threads and open files of the server process over time."""
+    """Threads and open files of the server process over time, counted from
+    the start of the measured load, as the RSS is."""
     fig, (left, right) = charts.new_figures(2)
     for ax, column, unit in (
         (left, "threads", "threads"),
         (right, "open_files", "open files (file descriptors)"),
     ):
         for r in runs.values():
-            proc = r.first.proc
-            if proc:
-                ax.plot(proc["t_s"], proc[column], color=r.colour, label=r.label)
-        ax.set_xlabel("time since the server started (s)")
+            t_s, values = aligned(r.first, "proc", column)
+            ax.plot(t_s, values, color=r.colour, label=r.label)
+        ax.axvline(0, color=charts.NEUTRAL_COLOUR, linewidth=1)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("time since the measured load started (s)")
         ax.set_ylabel(unit)
         ax.set_title(unit.split(" (")[0].capitalize())
         ax.legend(loc="best", fontsize="small")
@@ -191,22 +200,27 @@ def sweep_series(
 
 def sweep_panels(
     points: Sequence[tuple[float, ByVariant]],
-    panels: Sequence[tuple[str, Metric, str]],
+    panels: Sequence[tuple[str, str, Metric, str]],
     x_label: str,
     title: str,
 ) -> tuple[Figure, dict[str, dict[str, charts.Fit]]]:
-    """Several metrics against one quantity, side by side (memory beside
-    threads and open files); ``panels`` are (y label, metric, slope unit)."""
-    fig, axes = charts.new_figures(len(panels), width_in=5.2 * len(panels))
+    """Several metrics against one quantity, two charts a row (memory beside
+    threads and open files); ``panels`` are (title, y label, metric, slope
+    unit). Returns the fits by panel title, then by variant label."""
+    import matplotlib.pyplot as plt
+
+    rows = (len(panels) + 1) // 2
+    fig, grid = plt.subplots(
+        rows, 2, figsize=(11, 4 * rows), layout="constrained", squeeze=False
+    )
+    axes = list(grid.flat)
     fits = {}
-    for ax, (y_label, metric, slope_unit) in zip(axes, panels, strict=True):
-        fits[y_label] = charts.sweep(
-            ax,
-            sweep_series(points, metric),
-            x_label,
-            y_label,
-            slope_unit,
-            y_label.split(" (")[0].capitalize(),
+    for ax, (name, y_label, metric, slope_unit) in zip(axes, panels, strict=False):
+        ax.grid(True, axis="y", alpha=0.3)
+        fits[name] = charts.sweep(
+            ax, sweep_series(points, metric), x_label, y_label, slope_unit, name
         )
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     fig.suptitle(title)
     return fig, fits

@@ -1,6 +1,6 @@
 """Where a handler's memory goes: one request served in this process by
-calling the pattern's handler directly, line by line (memory_profiler) or
-by allocation (tracemalloc).
+calling the pattern's handler directly, with tracemalloc counting, line by
+line and by the package line behind each allocation.
 
 The server process under load is measured by the harness; these profiles
 look inside one request instead, in the notebook's own process, so their
@@ -10,7 +10,6 @@ MiB are of that process and of one request at a time.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -135,101 +134,227 @@ def ai_stub(log_path: Path) -> Iterator[str]:
         yield f"{stub.base_url}/v1"
 
 
-@dataclass(frozen=True)
-class LineProfile:
-    """memory_profiler's table for one call, and the response it gave."""
+def multipart_call(
+    path: str, path_params: dict[str, Any], file_bytes: bytes, fields: dict[str, str]
+) -> Call:
+    """A ``multipart/form-data`` POST with one file field ``file``, encoded
+    as a browser (or httpx) would send it."""
+    import httpx
 
-    table: str
+    request = httpx.Request(
+        "POST",
+        f"http://127.0.0.1{path}",
+        files={"file": ("radiograph.jpg", file_bytes, "image/jpeg")},
+        data=fields,
+    )
+    body = request.read()
+    return Call(
+        "POST",
+        path,
+        path_params=path_params,
+        body=body,
+        headers=(("content-type", request.headers["content-type"]),),
+    )
+
+
+def json_call(path: str, body: bytes) -> Call:
+    return Call(
+        "POST", path, body=body, headers=(("content-type", "application/json"),)
+    )
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What tracemalloc saw during one call of a handler."""
+
     status: int
-    body_bytes: int
-
-
-async def line_profile(app: Starlette, handler: Handler, call: Call) -> LineProfile:
-    """RSS after each line of ``handler`` for one request.
-
-    memory_profiler traces the thread it is enabled in; the handler's
-    coroutine runs on this thread's event loop (the notebook kernel's), so
-    every line of it is traced while the database work happens elsewhere.
-    """
-    from memory_profiler import LineProfiler, show_results
-
-    profiler = LineProfiler(backend="psutil")
-    response = await profiler(handler)(call.request(app))
-    stream = io.StringIO()
-    show_results(profiler, stream=stream, precision=1)
-    return LineProfile(stream.getvalue(), response.status_code, len(response.body))
-
-
-@dataclass(frozen=True)
-class Allocations:
-    """What tracemalloc saw during one call."""
-
-    peak_mib: float
     body_mib: float
-    moment: str
+    peak_mib: float
+    #: (function name, first line, [(line number, MiB, source)])
+    lines: list[tuple[str, int, list[tuple[int, float | None, str]]]]
+    #: (package line, MiB, blocks) at the traced peak, largest first.
     top_sites: list[tuple[str, float, int]]
+    sites_at_mib: float
 
     @property
     def peak_per_body(self) -> float:
         """Bytes traced at the peak for each byte of the response body."""
         return self.peak_mib / self.body_mib if self.body_mib else float("nan")
 
+    def table(self) -> str:
+        """Each profiled function's lines with the most memory traced while
+        the line ran (MiB over the request's start, callees included)."""
+        out = []
+        for name, _first, rows in self.lines:
+            out.append(f"{name}  (most MiB traced while the line ran)")
+            for number, mib, source in rows:
+                shown = f"{mib:9.2f}" if mib is not None else " " * 9
+                out.append(f"{number:5d} {shown}  {source}")
+            out.append("")
+        return "\n".join(out)
+
+    def sites(self) -> str:
+        out = [
+            f"held at {self.sites_at_mib:.2f} MiB traced (the highest point seen"
+            f" between lines; the peak was {self.peak_mib:.2f} MiB), by the"
+            " package line behind each allocation:"
+        ]
+        for site, mib, count in self.top_sites:
+            out.append(f"  {mib:9.2f} MiB {count:8d} blocks  {site}")
+        return "\n".join(out)
+
 
 #: Frames kept per allocation, enough to reach the package's own line.
-TRACE_FRAMES = 40
+TRACE_FRAMES = 25
 PACKAGE_MARKER = "/reference_impl/"
+#: A new snapshot is taken when traced memory passes the last one by this much.
+SNAPSHOT_STEP = 1.1
 
 
-async def allocations(
-    app: Starlette, handler: Handler, call: Call, top: int = 8
-) -> Allocations:
-    """Traced peak of one call, and the package lines that hold the most.
+class _LineTracer:
+    """A ``sys.settrace`` hook on the given functions' frames: for each of
+    their lines, the most memory tracemalloc counted while it ran; at each
+    new high seen between lines, a snapshot.
 
-    The snapshot is taken when a JSON answer has just been rendered, while
-    everything the handler built to render it is still alive; a handler
-    that renders no JSON is snapshotted when it returns. Each allocation is
-    charged to the innermost line of ``reference_impl`` on its stack, so the
-    sites are lines of the handler's own code, whatever library did the
-    allocating underneath.
+    Coroutine frames are traced across their suspensions: each resumption is
+    a new ``call`` event, and a line's figure is the most seen over all of
+    its runs. Only this thread is traced; the event loop runs the handler
+    here, so every line of it is seen.
     """
+
+    def __init__(self, functions: tuple[Callable, ...]) -> None:
+        self.codes = {inspect_code(f) for f in functions}
+        self.during_line: dict[tuple[Any, int], int] = {}
+        self.peak_bytes = 0
+        self.current_line: dict[int, int] = {}
+        self.best: tracemalloc.Snapshot | None = None
+        self.best_bytes = 0
+
+    def __call__(self, frame, event, arg):
+        if frame.f_code not in self.codes:
+            return None
+        # A call, or a coroutine resumed: the frame stands on this line.
+        self.current_line[id(frame)] = frame.f_lineno
+        self._note(frame)
+        return self._local
+
+    def _local(self, frame, event, arg):
+        # "line": the line before this one has run; "return": the frame ends
+        # or suspends on its current line.
+        self._note(frame)
+        if event == "line":
+            self.current_line[id(frame)] = frame.f_lineno
+        return self._local
+
+    def _note(self, frame) -> None:
+        # The peak since the last event is the most memory held while the
+        # frame's current line ran, callees and all.
+        traced, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        self.peak_bytes = max(self.peak_bytes, peak)
+        key = (frame.f_code, self.current_line[id(frame)])
+        self.during_line[key] = max(self.during_line.get(key, 0), peak)
+        self.maybe_snapshot(traced)
+
+    def maybe_snapshot(self, traced: int) -> None:
+        if traced > self.best_bytes * SNAPSHOT_STEP:
+            self.best = tracemalloc.take_snapshot()
+            self.best_bytes = traced
+
+
+def inspect_code(function: Callable) -> Any:
+    import inspect
+
+    return inspect.unwrap(function).__code__
+
+
+async def profile(
+    app: Starlette, handler: Handler, call: Call, also: tuple[Callable, ...] = ()
+) -> Profile:
+    """One request to ``handler`` with tracemalloc on: the traced peak, the
+    memory after each line of ``handler`` and of the functions in ``also``
+    that it calls, and the package lines holding the most at the highest
+    point seen.
+
+    Allocations are charged to the innermost line of ``reference_impl`` on
+    their stack, whatever library did the allocating underneath. Memory is
+    counted from the request's start; the database driver's thread
+    allocates too, and is counted, but has no package line of its own.
+    """
+    import sys
+
     from starlette.responses import JSONResponse
 
-    snapshots: list[tracemalloc.Snapshot] = []
+    tracer = _LineTracer((handler, *also))
     render = JSONResponse.render
 
-    def render_and_snapshot(self, content: Any) -> bytes:
+    def render_and_note(self, content: Any) -> bytes:
+        # Rendering is where a JSON answer's dicts and its bytes coexist.
         body = render(self, content)
-        if not snapshots:
-            snapshots.append(tracemalloc.take_snapshot())
+        tracer.maybe_snapshot(tracemalloc.get_traced_memory()[0])
         return body
 
     already = tracemalloc.is_tracing()
     if not already:
         tracemalloc.start(TRACE_FRAMES)
-    JSONResponse.render = render_and_snapshot  # type: ignore[method-assign]
+    JSONResponse.render = render_and_note  # type: ignore[method-assign]
+    previous = sys.gettrace()
     try:
+        request = call.request(app)  # its body chunks are not the handler's
         tracemalloc.clear_traces()
         tracemalloc.reset_peak()
-        response = await handler(call.request(app))
-        _current, peak = tracemalloc.get_traced_memory()
-        moment = "as the JSON answer is rendered" if snapshots else "at return"
-        snapshot = snapshots[0] if snapshots else tracemalloc.take_snapshot()
+        sys.settrace(tracer)
+        try:
+            response = await handler(request)
+        finally:
+            sys.settrace(previous)
+        peak = max(tracer.peak_bytes, tracemalloc.get_traced_memory()[1])
     finally:
         JSONResponse.render = render  # type: ignore[method-assign]
         if not already:
             tracemalloc.stop()
-    return Allocations(
-        peak / MIB, len(response.body) / MIB, moment, _package_sites(snapshot, top)
+    snapshot = tracer.best
+    return Profile(
+        status=response.status_code,
+        body_mib=len(getattr(response, "body", b"")) / MIB,
+        peak_mib=peak / MIB,
+        lines=[_line_rows(f, tracer.during_line) for f in (handler, *also)],
+        top_sites=_package_sites(snapshot) if snapshot else [],
+        sites_at_mib=tracer.best_bytes / MIB,
     )
 
 
+def _line_rows(
+    function: Callable, during_line: dict[tuple[Any, int], int]
+) -> tuple[str, int, list[tuple[int, float | None, str]]]:
+    import inspect
+
+    code = inspect_code(function)
+    source, first = inspect.getsourcelines(inspect.unwrap(function))
+    rows = []
+    for offset, text in enumerate(source):
+        number = first + offset
+        value = during_line.get((code, number))
+        rows.append((number, None if value is None else value / MIB, text.rstrip()))
+    return code.co_qualname, first, rows
+
+
+def _library(traceback: tracemalloc.Traceback) -> str:
+    """The library at the root of a stack without a package line: SQLAlchemy's
+    greenlet (ORM rows), a worker thread, the standard library."""
+    for frame in traceback:
+        if "site-packages/" in frame.filename:
+            return frame.filename.split("site-packages/", 1)[1].split("/", 1)[0]
+    return Path(traceback[-1].filename).name
+
+
 def _package_sites(
-    snapshot: tracemalloc.Snapshot, top: int
+    snapshot: tracemalloc.Snapshot, top: int = 8
 ) -> list[tuple[str, float, int]]:
     """(package line, MiB, blocks), largest first."""
     sizes: dict[str, list[int]] = {}
     for stat in snapshot.statistics("traceback"):
-        site = "no package line on its stack (database thread, libraries)"
+        site = f"{_library(stat.traceback)} (no package line on its stack)"
         # A traceback runs from the oldest frame to the most recent.
         for frame in reversed(stat.traceback):
             if PACKAGE_MARKER in frame.filename:

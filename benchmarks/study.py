@@ -112,6 +112,61 @@ class Run:
         return self.peak_mib - self.baseline_mib
 
     @property
+    def threads_max(self) -> float:
+        return float(self.meta["process"]["threads_max"])
+
+    @property
+    def open_files_max(self) -> float:
+        return float(self.meta["process"]["open_files_max"])
+
+    @property
+    def connections_opened(self) -> float:
+        """Database connections the server opened during the whole run."""
+        return float((self.meta.get("database") or {}).get("connectionsOpened", 0))
+
+    @property
+    def requests_sent(self) -> float:
+        """Requests of the measured load and its warm-up."""
+        return float(self.meta["requests"]["sent"] + self.meta["warmup"]["sent"])
+
+    def trend(self, key: str) -> float:
+        """Change per 1,000 requests during the load (``rss_mib``, ``threads``,
+        ``open_files``)."""
+        return float(self.meta["trend"][f"{key}_per_1k_requests"])
+
+    def _during_load(
+        self, table: str, column: str, start_fraction: float, end_fraction: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        load = self.meta["phases"]["load"]
+        span_s = load["end_s"] - load["start_s"]
+        data = getattr(self, table)
+        t_s = data["t_s"]
+        keep = (t_s >= load["start_s"] + start_fraction * span_s) & (
+            t_s <= load["start_s"] + end_fraction * span_s
+        )
+        return t_s[keep], data[column][keep]
+
+    def halves_max(self, table: str, column: str) -> tuple[float, float]:
+        """The largest value in the first and in the second half of the load
+        (``table`` is ``rss`` or ``proc``): a leak makes the second larger."""
+        _, first = self._during_load(table, column, 0.0, 0.5)
+        _, second = self._during_load(table, column, 0.5, 1.0)
+        return float(first.max()), float(second.max())
+
+    def late_slope_per_1k(self, table: str, column: str) -> float:
+        """Slope of ``column`` over the second half of the load, per 1,000
+        requests: how it still moves once the server has warmed up."""
+        t_s, values = self._during_load(table, column, 0.5, 1.0)
+        if len(t_s) < 2:
+            return 0.0
+        per_s = float(np.polyfit(t_s, values, 1)[0])
+        load = self.meta["phases"]["load"]
+        seconds_per_request = (load["end_s"] - load["start_s"]) / max(
+            self.meta["requests"]["sent"], 1
+        )
+        return per_s * seconds_per_request * 1000
+
+    @property
     def crashed(self) -> bool:
         return bool(self.meta.get("crashed"))
 
@@ -286,25 +341,31 @@ class Study:
         where: str = "load",
         main: dict[str, Runs] | None = None,
         variants: Sequence[str] = ("naive", "optimized"),
+        fixed: dict[str, Any] | None = None,
         **options: Any,
     ) -> list[tuple[float, dict[str, Runs]]]:
         """Measure ``scenario`` at each value of one load key (``where="load"``)
-        or dataset parameter (``where="dataset"``); the point at the preset's
-        own value reuses ``main``, the runs already made there."""
+        or dataset parameter (``where="dataset"``); ``fixed`` changes further
+        dataset parameters at every point. The point at the preset's own value
+        reuses ``main``, the runs already made there, unless ``fixed`` moved
+        the dataset away from the preset's."""
         if where not in ("load", "dataset"):
             raise ValueError(f"where={where!r} must be 'load' or 'dataset'")
         own = self.preset_value(key, scenario if where == "load" else None)
         points = []
         for value in values:
-            if main is not None and value == own:
+            if main is not None and value == own and not fixed:
                 points.append((value, main))
                 continue
+            options_here = dict(options)
+            overrides = dict(options_here.pop("overrides", None) or {})
+            changes = dict(fixed or {})
             if where == "dataset":
-                options_here = {**options, "dataset": self.dataset(**{key: value})}
-                overrides = options_here.pop("overrides", None)
+                changes[key] = value
             else:
-                options_here = dict(options)
-                overrides = {**options_here.pop("overrides", {}), key: value}
+                overrides[key] = value
+            if changes:
+                options_here["dataset"] = self.dataset(**changes)
             runs = self.measure(
                 scenario,
                 variants,
@@ -377,7 +438,7 @@ class Study:
         self.claims.append(entry)
         return entry
 
-    def save(self) -> Path:
+    def save(self) -> None:
         """Write ``results.json``: the summary rows, claims, values, figures."""
         path = self.out_dir / "results.json"
         document = {
@@ -391,7 +452,6 @@ class Study:
             "figures": [f"{name}.png" for name in self.figures],
         }
         path.write_text(json.dumps(document, indent=2, default=_jsonable) + "\n")
-        return path
 
 
 def describe(runs: dict[str, Runs]) -> str:
