@@ -37,8 +37,6 @@ from reference_impl import imagegen
 from reference_impl.errors import UsageError
 from reference_impl.patterns.client import pool_options, prisma_pool_size
 
-DEFAULT_PG_URL = "postgresql+asyncpg://membench:membench@127.0.0.1:55432/membench"
-
 needs_postgres = pytest.mark.postgres
 
 #: Read routes, with paths the dataset's second patient makes valid.
@@ -85,7 +83,7 @@ def in_ci() -> bool:
 @pytest.fixture(scope="session")
 def pg_url() -> str:
     """The server's URL, once it answered; skip (fail in CI) when none does."""
-    url = os.environ.get("MEMBENCH_PG_URL", DEFAULT_PG_URL)
+    url = os.environ.get("MEMBENCH_PG_URL", backends.DEFAULT_PG_URL)
     try:
         run_sql(url, "SELECT 1")
     except Exception as exc:
