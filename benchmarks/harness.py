@@ -1097,6 +1097,13 @@ def _trend(
         out[f"{column}_first"] = int(py[0]) if py else None
         out[f"{column}_last"] = int(py[-1]) if py else None
         out[f"{column}_max"] = int(max(py)) if py else None
+        # Flat means the second half of the load holds no more than the
+        # first once pools and caches have filled.
+        middle = (start + end) / 2
+        first = [r[column] for r in rows if r["t_s"] < middle]
+        second = [r[column] for r in rows if r["t_s"] >= middle]
+        out[f"{column}_max_first_half"] = int(max(first)) if first else None
+        out[f"{column}_max_second_half"] = int(max(second)) if second else None
     return out
 
 

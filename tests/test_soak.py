@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks import runner
 
-SHORT = {"requests": 500, "warmup": 100}
+SHORT = {"requests": 300, "warmup": 50}
 
 
 @pytest.mark.integration
@@ -43,20 +43,24 @@ def test_soak_keeps_threads_and_files_flat_and_one_engine(
     for result in (optimized, naive_client):
         data = result.data
         assert data["crashed"] is False
-        assert data["requests"]["ok"] == 500
+        assert data["requests"]["ok"] == 300
         assert data["requests"]["failed"] == 0
         assert data["leftover_processes"] == 0
         assert data["trend"]["rss_mib_per_1k_requests"] is not None
     assert naive_client.data["label"] == "optimized+naive-client"
+    # Pools fill in the first half (each SQLite connection is a thread and
+    # three files); the second half holds no more.
     trend = optimized.data["trend"]
-    assert trend["threads_last"] <= trend["threads_first"] + 4
-    assert trend["open_files_last"] <= trend["open_files_first"] + 8
-    # One engine and a pool of a few connections, against an engine and a
-    # connection for every request (warm-up included).
+    for column in ("threads", "open_files"):
+        first = trend[f"{column}_max_first_half"]
+        assert trend[f"{column}_max_second_half"] <= first + 3, column
+    # One engine whose pool reuses its connections (overflow ones come and
+    # go), against an engine and a connection for every request, warm-up
+    # included.
     db = optimized.data["database"]
     assert db["enginesCreated"] == 1
-    assert db["connectionsOpened"] <= 20
     naive_db = naive_client.data["database"]
-    assert naive_db["enginesCreated"] >= 600
-    assert naive_db["connectionsOpened"] >= 600
+    assert naive_db["enginesCreated"] >= 350
+    assert naive_db["connectionsOpened"] >= 350
+    assert naive_db["connectionsOpened"] > 4 * db["connectionsOpened"]
     assert naive_db["enginesCreated"] == naive_db["enginesDisposed"]
