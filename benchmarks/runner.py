@@ -93,9 +93,9 @@ from benchmarks.harness import (
     Options,
     RunResult,
     RunSpec,
-    Workspace,
     measure,
 )
+from benchmarks.workspace import Workspace
 from reference_impl.config import parse_patterns
 from reference_impl.errors import UsageError
 from reference_impl.patterns.client import pool_options
@@ -269,7 +269,7 @@ def run_scenario(
         options.load_for(name)  # a missing load or a bad override fails early
     specs = interleave(names, variants, naive_patterns, repeat)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workspace = Workspace(options)
+    workspace = Workspace(options.dataset, options.preset, options.out, options.db_url)
     results: list[RunResult] = []
     try:
         for spec in specs:
