@@ -198,7 +198,10 @@ def run_json(
         last = s.get("last_hwm_mib")
         candidates = [v for v in (last, peak) if v is not None]
         hwm = round(max(candidates), 3) if candidates else None
-        hwm_source = "last VmHWM read before the server died (or the sampled peak)"
+        hwm_source = (
+            "the sampler's last VmHWM read (or the sampled peak): the run "
+            "ended before its probe"
+        )
 
     req = request_stats(measured.records)
     req["planned"] = measured.planned
@@ -298,6 +301,7 @@ def run_json(
         "died_at_s": s.get("died_at_s"),
         "interrupted": interrupted,
         "error": error,
+        "pool_size": options.pool_size,
         "memory_limit_mib": options.memory_limit_mib,
         "memory_limit": memory_limit,
         "release_mib": _release(release),
