@@ -31,6 +31,11 @@ dataset: $(STAMP)
 bench: dataset
 	$(BIN)/membench notebooks --preset $(PRESET) --out $(REPORT)
 
+# The committed reference report: every notebook at the default preset.
+reference-report: $(STAMP)
+	@test -f datasets/default/manifest.json || $(BIN)/membench dataset build --preset default
+	$(BIN)/membench notebooks --preset default --out reports/reference
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
 

@@ -259,12 +259,13 @@ def sweep(
     """Points per variant with a fitted line; the slope is in the legend, so
     growth with the driving quantity is shown and measured, not claimed."""
     fits: dict[str, Fit] = {}
+    ticks: set[float] = set()
     for name, line_colour, x, y in series:
         fit = fit_line(x, y)
         fits[name] = fit
         xs = np.asarray(x, dtype=float)
         ax.scatter(xs, y, color=line_colour, zorder=3)
-        ax.set_xticks(sorted(set(xs.tolist())))
+        ticks |= set(xs.tolist())
         grid = np.linspace(xs.min(), xs.max(), 50)
         ax.plot(
             grid,
@@ -273,6 +274,7 @@ def sweep(
             linewidth=1.4,
             label=f"{name}: slope {fit.slope:+.2f} {slope_unit}",
         )
+    ax.set_xticks(sorted(ticks))
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title)

@@ -188,14 +188,15 @@ def sweep(
 def sweep_series(
     points: Sequence[tuple[float, ByVariant]], metric: Metric = peak_of
 ) -> list[tuple[str, str, list[float], list[float]]]:
-    """(label, colour, xs, ys) per variant over the sweep's points."""
+    """(label, colour, xs, ys) per variant measured at every point of the
+    sweep (a variant measured at one point only has no slope to show)."""
     series: dict[str, tuple[str, str, list[float], list[float]]] = {}
     for x, runs in sorted(points, key=lambda p: p[0]):
         for r in runs.values():
             entry = series.setdefault(r.label, (r.label, r.colour, [], []))
             entry[2].append(float(x))
             entry[3].append(float(metric(r)))
-    return list(series.values())
+    return [entry for entry in series.values() if len(entry[2]) == len(points)]
 
 
 def sweep_panels(

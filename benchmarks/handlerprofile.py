@@ -95,7 +95,7 @@ class Workspace:
     @classmethod
     def create(cls, preset: str, folder: Path) -> Workspace:
         from benchmarks import runner
-        from benchmarks.harness import copy_sqlite, link_tree
+        from benchmarks.workspace import copy_sqlite, link_tree
         from reference_impl.server import sqlite_url
 
         dataset = runner.ensure_dataset(preset, None, None)

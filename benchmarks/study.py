@@ -509,13 +509,3 @@ def run_key(
         ).hexdigest()[:8]
         parts.append(digest)
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
-
-
-def verdict(measured_ratio: float, confirm_at: float, partly_at: float = 1.0) -> str:
-    """``confirmed`` when the improvement (as a ratio, > 1 is better) reaches
-    ``confirm_at``, ``partly`` when it is at least ``partly_at``."""
-    if measured_ratio >= confirm_at:
-        return "confirmed"
-    if measured_ratio > partly_at:
-        return "partly"
-    return "refuted"

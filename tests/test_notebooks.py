@@ -4,9 +4,10 @@ executed by nbval at the ``ci`` preset.
 nbval runs in a subprocess over a copy of each notebook in a private folder,
 so the notebook's default output folder (``../results/notebooks``) lands in
 that folder: two test sessions never share run folders, and an earlier
-execution's files never count. ``--nbval-lax`` runs every cell and compares
-no output unless a cell asks for it: the figures are measured, so they vary
-from run to run; what must hold is asserted in the notebooks' own cells.
+execution's files never count. The notebooks run two at a time.
+``--nbval-lax`` runs every cell and compares no output unless a cell asks for
+it: the figures are measured, so they vary from run to run; what must hold is
+asserted in the notebooks' own cells.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from benchmarks import charts, notebooks, report
-from benchmarks.study import run_key, verdict
+from benchmarks.study import run_key
 from reference_impl.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,12 +124,6 @@ def test_run_key_names_the_run_and_tells_overrides_apart():
     )
 
 
-def test_verdict_thresholds():
-    assert verdict(3.0, confirm_at=2.0) == "confirmed"
-    assert verdict(1.5, confirm_at=2.0) == "partly"
-    assert verdict(0.9, confirm_at=2.0) == "refuted"
-
-
 def _results(folder: Path, name: str, claims, summary) -> None:
     (folder / name).mkdir(parents=True)
     (folder / name / "results.json").write_text(
@@ -196,6 +193,11 @@ def test_membench_notebooks_refuses_a_repeat_count_below_one(tmp_path: Path):
 
 #: Seconds one notebook may take at the ci preset on a busy 2-core machine.
 NOTEBOOK_TIMEOUT_S = 600
+#: Notebooks executed side by side. Most of a ci run is fixed cost (a server
+#: starting, idle baseline and tail), so two at once take much less time than
+#: one after the other; what the notebooks assert is memory, counts and ratios
+#: with margins, which a shared CPU does not move.
+NBVAL_WORKERS = 2
 
 
 def nbval_env(cache: Path) -> dict[str, str]:
@@ -206,19 +208,16 @@ def nbval_env(cache: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S + 60)
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_passes_nbval_at_the_ci_preset(path: Path, tmp_path: Path):
-    folder = tmp_path / "notebooks"
-    folder.mkdir()
-    copy = folder / path.name
+def run_nbval(path: Path, folder: Path) -> subprocess.CompletedProcess[str]:
+    """nbval over a copy of ``path`` in ``folder``/notebooks; the notebook's
+    default output folder is then ``folder``/results/notebooks."""
+    copy = folder / "notebooks" / path.name
+    copy.parent.mkdir(parents=True)
     shutil.copyfile(path, copy)
-    (folder / "pytest.ini").write_text(
+    (copy.parent / "pytest.ini").write_text(
         "[pytest]\naddopts = -p no:cacheprovider\nfilterwarnings = error\n"
     )
-    done = subprocess.run(
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -229,14 +228,47 @@ def test_notebook_passes_nbval_at_the_ci_preset(path: Path, tmp_path: Path):
             "-q",
             copy.name,
         ],
-        cwd=folder,
-        env=nbval_env(tmp_path / "cache"),
+        cwd=copy.parent,
+        env=nbval_env(folder / "cache"),
         capture_output=True,
         text=True,
         timeout=NOTEBOOK_TIMEOUT_S,
     )
+
+
+@pytest.fixture(scope="session")
+def nbval_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future]]:
+    """Every selected notebook's nbval run, started together on
+    ``NBVAL_WORKERS`` workers the first time one is asked for."""
+    from benchmarks import runner
+
+    selected = {
+        item.callspec.params["path"]
+        for item in request.session.items
+        if item.originalname == "test_notebook_passes_nbval_at_the_ci_preset"
+    }
+    # Built once here, so that two notebooks never build it side by side.
+    runner.ensure_dataset("ci", None, None)
+    with ThreadPoolExecutor(max_workers=NBVAL_WORKERS) as pool:
+        futures = {}
+        for path in sorted(selected):
+            folder = tmp_path_factory.mktemp(f"nbval-{path.stem}")
+            futures[path.stem] = (folder, pool.submit(run_nbval, path, folder))
+        yield futures
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+# A test waits for the notebooks queued before its own.
+@pytest.mark.timeout(len(NOTEBOOKS) * NOTEBOOK_TIMEOUT_S)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_passes_nbval_at_the_ci_preset(path: Path, nbval_runs):
+    folder, future = nbval_runs[path.stem]
+    done = future.result()
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    results_dir = tmp_path / "results" / "notebooks" / notebooks.study_name(path)
+    results_dir = folder / "results" / "notebooks" / notebooks.study_name(path)
     results = json.loads((results_dir / "results.json").read_text())
     assert results["preset"] == "ci"
     assert results["figures"], "the notebook wrote no figure"
