@@ -21,7 +21,8 @@ latency.csv):
     its last second (or half, if shorter): what stays resident.
 ``probe``
     ``/debug/stats`` (engines, connections), the server's ``VmHWM`` (the
-    kernel's exact peak, ``rss_mib.hwm``), then ``POST /debug/release``:
+    kernel's own peak, start-up included, ``rss_mib.hwm``), then
+    ``POST /debug/release``:
     RSS as is, after ``gc.collect()``, after ``malloc_trim(0)``.
 ``stop``
     sampler, server and stand-in stopped by process group; anything still
@@ -40,7 +41,9 @@ it needs no privileges and works on any Linux. ``rlimit-as`` and
 ``rlimit-data`` set ``RLIMIT_AS`` / ``RLIMIT_DATA`` instead, which count
 address space (thread stacks, malloc arenas) rather than resident memory, so
 a Python server fails them far below the cap's RSS: they are kept to show
-that. A cgroup's ``memory.max`` is not used: the machines this suite runs on
+that (at the ``ci`` preset under ``RLIMIT_AS`` of 400 MiB the naive upload
+server answered 500 with MemoryError, then stopped answering, at 146 MiB
+resident). A cgroup's ``memory.max`` is not used: the machines this suite runs on
 expose only a cgroup v1 memory controller owned by the host's own process
 manager.
 """
