@@ -229,6 +229,10 @@ def ratio_bars(
     ax.legend(loc="best", fontsize="small")
 
 
+SWEEP_MARKERS = ("o", "s", "^")
+SWEEP_LINES = ("-", "--", ":")
+
+
 @dataclass(frozen=True)
 class Fit:
     """A least-squares line through one variant's sweep."""
@@ -260,11 +264,20 @@ def sweep(
     growth with the driving quantity is shown and measured, not claimed."""
     fits: dict[str, Fit] = {}
     ticks: set[float] = set()
-    for name, line_colour, x, y in series:
+    for n, (name, line_colour, x, y) in enumerate(series):
         fit = fit_line(x, y)
         fits[name] = fit
         xs = np.asarray(x, dtype=float)
-        ax.scatter(xs, y, color=line_colour, zorder=3)
+        # Later series dashed with hollow markers: equal values stay visible.
+        ax.scatter(
+            xs,
+            y,
+            marker=SWEEP_MARKERS[n % len(SWEEP_MARKERS)],
+            s=60 if n else 36,
+            facecolors="none" if n else line_colour,
+            edgecolors=line_colour,
+            zorder=3,
+        )
         ticks |= set(xs.tolist())
         grid = np.linspace(xs.min(), xs.max(), 50)
         ax.plot(
@@ -272,6 +285,7 @@ def sweep(
             fit.at(grid),
             color=line_colour,
             linewidth=1.4,
+            linestyle=SWEEP_LINES[n % len(SWEEP_LINES)],
             label=f"{name}: slope {fit.slope:+.2f} {slope_unit}",
         )
     ax.set_xticks(sorted(ticks))

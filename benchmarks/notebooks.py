@@ -6,6 +6,8 @@ preset and output folder given here. Executed notebooks land in
 ``OUT/notebooks/`` as ``.ipynb`` and ``.html``; their charts and results in
 ``OUT/<notebook>/``; the report in ``OUT/index.html``. A failed notebook is
 marked in the report and the command exits 1 after the others have run.
+With ``--only``, the report keeps the other notebooks of an earlier run at the
+same preset into the same folder.
 """
 
 from __future__ import annotations
@@ -181,10 +183,11 @@ def main(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = notebook_paths(args.only)
     prepare_environment()
-    outcomes = [
+    fresh = [
         execute(path, out_dir, args.preset, args.repeats, args.cell_timeout_s)
         for path in paths
     ]
+    outcomes = merge_outcomes(out_dir, fresh, args.preset)
     command = " ".join(
         [
             "membench notebooks",
@@ -195,12 +198,44 @@ def main(args: argparse.Namespace) -> int:
         ]
     )
     index = report.write(out_dir, outcomes, args.preset, command)
-    failed = [o.name for o in outcomes if not o.ok]
+    failed = [o.name for o in fresh if not o.ok]
     print(f"report: {index}")
     if failed:
         print(f"failed notebooks: {', '.join(failed)}")
         return 1
     return 0
+
+
+OUTCOMES_FILE = "outcomes.json"
+
+
+def merge_outcomes(out_dir: Path, fresh: list, preset: str) -> list:
+    """This run's outcomes, and, for the notebooks it did not run, those an
+    earlier run at the same preset left in ``out_dir``: running one notebook
+    again (``--only``) keeps the others in the report. Saved for the next."""
+    from dataclasses import asdict
+
+    from benchmarks.report import Outcome
+
+    path = out_dir / OUTCOMES_FILE
+    earlier = {}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("preset") == preset:
+            earlier = {o["name"]: Outcome(**o) for o in saved["outcomes"]}
+    earlier.update({o.name: o for o in fresh})
+    order = [study_name(p) for p in notebook_paths()]
+    merged = sorted(
+        earlier.values(),
+        key=lambda o: order.index(o.name) if o.name in order else len(order),
+    )
+    path.write_text(
+        json.dumps(
+            {"preset": preset, "outcomes": [asdict(o) for o in merged]}, indent=2
+        )
+        + "\n"
+    )
+    return merged
 
 
 def _shown(path: Path) -> str:

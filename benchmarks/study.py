@@ -34,6 +34,11 @@ log = logging.getLogger("benchmarks")
 VERDICTS = ("confirmed", "partly", "refuted", "not measured")
 
 
+#: Dataset parameters that change which image files exist, not the rows: a
+#: sweep may shrink them to build faster and still compare with the preset.
+FILES_ONLY = {"distinct_images"}
+
+
 class RunFailed(RuntimeError):
     """Raised when the harness could not measure a run (its ``error`` key)."""
 
@@ -348,13 +353,13 @@ class Study:
         or dataset parameter (``where="dataset"``); ``fixed`` changes further
         dataset parameters at every point. The point at the preset's own value
         reuses ``main``, the runs already made there, unless ``fixed`` moved
-        the dataset away from the preset's."""
+        the dataset's rows away from the preset's."""
         if where not in ("load", "dataset"):
             raise ValueError(f"where={where!r} must be 'load' or 'dataset'")
         own = self.preset_value(key, scenario if where == "load" else None)
         points = []
         for value in values:
-            if main is not None and value == own and not fixed:
+            if main is not None and value == own and set(fixed or {}) <= FILES_ONLY:
                 points.append((value, main))
                 continue
             options_here = dict(options)

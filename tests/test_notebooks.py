@@ -183,6 +183,18 @@ def test_report_tables_the_summary_and_marks_a_failed_notebook(tmp_path: Path):
     assert environment["report_packages"]["papermill"]
 
 
+def test_running_one_notebook_again_keeps_the_others_in_the_report(tmp_path: Path):
+    def outcome(name: str, ok: bool) -> report.Outcome:
+        return report.Outcome(name, name, ok, 1.0, f"notebooks/{name}.ipynb")
+
+    first = [outcome("overview", True), outcome("listing", False)]
+    notebooks.merge_outcomes(tmp_path, first, "ci")
+    merged = notebooks.merge_outcomes(tmp_path, [outcome("listing", True)], "ci")
+    assert [(o.name, o.ok) for o in merged] == [("overview", True), ("listing", True)]
+    other_preset = notebooks.merge_outcomes(tmp_path, [outcome("upload", True)], "x")
+    assert [o.name for o in other_preset] == ["upload"]
+
+
 def test_membench_notebooks_refuses_a_repeat_count_below_one(tmp_path: Path):
     from reference_impl.cli import main
 
