@@ -161,6 +161,20 @@ class Options:
                 raise UsageError(f"{key}={merged[key]} must not be negative or zero")
         return merged
 
+    def label_suffix(self) -> str:
+        """What sets these runs apart beyond the variant, for labels and folders:
+        ``+arena-2``, ``+trim-131072``, ``+cap-1024``, ``+pool-prisma``."""
+        parts = []
+        if self.malloc_arena_max is not None:
+            parts.append(f"+arena-{self.malloc_arena_max}")
+        if self.malloc_trim_threshold is not None:
+            parts.append(f"+trim-{self.malloc_trim_threshold}")
+        if self.memory_limit_mib is not None:
+            parts.append(f"+cap-{self.memory_limit_mib:g}")
+        if self.pool_size is not None:
+            parts.append(f"+pool-{self.pool_size}")
+        return "".join(parts)
+
     def server_env(self, marker: str) -> dict[str, str]:
         env = {RUN_MARKER_ENV: marker}
         if self.malloc_arena_max is not None:
@@ -242,9 +256,9 @@ def _progress_logger(tag: str, t0: float, started: float) -> load.ProgressFn:
     return report
 
 
-def run_folder(out: Path, spec: RunSpec) -> Path:
+def run_folder(out: Path, spec: RunSpec, label: str) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    base = out / spec.scenario / f"{spec.label}-r{spec.repeat}-{stamp}"
+    base = out / spec.scenario / f"{label}-r{spec.repeat}-{stamp}"
     path = base
     n = 1
     while path.exists():
@@ -264,8 +278,9 @@ def measure(spec: RunSpec, workspace: Workspace, options: Options) -> RunResult:
     warmup_plan = scenarios.build_plan(weights, load_["warmup"], rng, ctx)
     plan = scenarios.build_plan(weights, load_["requests"], rng, ctx)
 
-    run_dir = run_folder(options.out, spec)
-    tag = f"[{spec.scenario} {spec.label} r{spec.repeat}/{spec.repeats}]"
+    label = spec.label + options.label_suffix()
+    run_dir = run_folder(options.out, spec, label)
+    tag = f"[{spec.scenario} {label} r{spec.repeat}/{spec.repeats}]"
     db_url, storage = workspace.scratch_for(run_dir)
     marker = uuid.uuid4().hex
     env = options.server_env(marker)

@@ -237,7 +237,7 @@ def run_json(
         "scenario": spec.scenario,
         "variant": spec.variant,
         "naive_patterns": list(spec.naive) if spec.variant != "naive" else [],
-        "label": spec.label,
+        "label": spec.label + options.label_suffix(),
         "preset": options.preset.name,
         "repeat": spec.repeat,
         "repeats": spec.repeats,

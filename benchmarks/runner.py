@@ -14,7 +14,10 @@ everything it started and leaves a folder::
         sampler.json  the sampler's own account (interval, CPU time)
         server.log    the server's output (and ai-stub.log when one ran)
 
-Times count from the launch of the server process. ``--variant`` takes
+The label adds what else sets a run apart: ``+arena-2``
+(``--malloc-arena-max``), ``+trim-N``, ``+cap-MiB`` (``--memory-limit``),
+``+pool-SIZING``; the summary compares runs by label. Times count from the
+launch of the server process. ``--variant`` takes
 several variants (``naive,optimized`` or repeated); with ``--repeat N`` they
 run interleaved, A B A B ..., so drift of the machine falls on both alike.
 After the runs, ``OUT/summary.json`` and ``summary.md`` compare them.

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks import runner, summary
-from benchmarks.harness import RunSpec
-from benchmarks.serverproc import membench_command
+from benchmarks.harness import Options, RunSpec
+from benchmarks.serverproc import RUN_MARKER_ENV, membench_command
 from reference_impl.errors import UsageError
+from reference_impl.presets import load_preset
 
 #: The keys INTERFACE.md requires of every run.json, with their sub-keys.
 REQUIRED = {
@@ -224,6 +225,27 @@ def test_variants_are_interleaved() -> None:
     assert specs[0].naive == ()
     assert specs[1].label == "optimized+naive-client"
     assert RunSpec("upload", "naive").label == "naive"
+
+
+def test_labels_name_what_sets_runs_apart(tmp_path: Path) -> None:
+    options = Options(
+        preset=load_preset("ci"),
+        out=tmp_path,
+        dataset=tmp_path,
+        malloc_arena_max=2,
+        memory_limit_mib=1024,
+    )
+    assert options.label_suffix() == "+arena-2+cap-1024"
+    assert options.server_env("m") == {RUN_MARKER_ENV: "m", "MALLOC_ARENA_MAX": "2"}
+    load = Options(
+        preset=load_preset("ci"),
+        out=tmp_path,
+        dataset=tmp_path,
+        overrides={"requests": 7, "weights.login": 3},
+    ).load_for("clinic")
+    assert load["requests"] == 7
+    assert load["weights"]["login"] == 3
+    assert load["weights"]["patients"] == 6
 
 
 def _fake_run(label: str, repeat: int, peak: float, baseline: float, rps: float):
