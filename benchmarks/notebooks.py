@@ -47,23 +47,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
+        metavar="DIR",
         help="report folder (default: reports/PRESET)",
     )
     parser.add_argument(
         "--repeats",
         type=int,
         default=1,
+        metavar="N",
         help="runs of each measurement; figures show the median (default: 1)",
     )
     parser.add_argument(
         "--only",
         default="",
+        metavar="NAME,...",
         help="comma-separated notebook names to run (default: all)",
     )
     parser.add_argument(
         "--cell-timeout-s",
         type=float,
         default=3600.0,
+        metavar="S",
         help="a cell running longer than this fails its notebook",
     )
 

@@ -130,6 +130,11 @@ class Run:
         return float((self.meta.get("database") or {}).get("connectionsOpened", 0))
 
     @property
+    def engines_created(self) -> float:
+        """Database engines (clients) the server built during the whole run."""
+        return float((self.meta.get("database") or {}).get("enginesCreated", 0))
+
+    @property
     def requests_sent(self) -> float:
         """Requests of the measured load and its warm-up."""
         return float(self.meta["requests"]["sent"] + self.meta["warmup"]["sent"])
