@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,6 +104,10 @@ def environment(out_dir: Path) -> dict[str, Any]:
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # Other work on the machine slows requests (latency, throughput) more
+        # than it moves memory; the load when the report was written says how
+        # busy it was.
+        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
         "report_packages": versions,
         "server_environment": recorded,
     }
