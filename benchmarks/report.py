@@ -194,7 +194,8 @@ def markdown(
         f"# membench report, preset `{preset}`",
         "",
         f"Regenerate with `{command}`. Written {env['written_at']} on "
-        f"{env['platform']}, Python {env['python']}.",
+        f"{env['platform']}, Python {env['python']}; load average (1, 5, 15 min)"
+        f" {', '.join(str(x) for x in env['load_average_1_5_15_min'])}.",
         "",
         "## Notebooks",
         "",
