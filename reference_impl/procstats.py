@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import threading
@@ -39,13 +40,17 @@ def snapshot() -> dict[str, float | int]:
     }
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # find_library runs ldconfig in a child process: look it up once.
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
 def malloc_trim() -> bool:
     """Ask glibc to hand freed heap memory back to the kernel; False off glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "malloc_trim"):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
         return False
     libc.malloc_trim(0)
     return True
