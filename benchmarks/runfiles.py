@@ -313,7 +313,7 @@ def run_json(
         "leftover_processes": len(leftovers),
         "pids": pids,
         "dataset": str(options.dataset),
-        "db": "external" if options.db_url else "sqlite copy",
+        "db": _db_kind(options.db_url, database),
         "environment": environment.describe(env),
     }
     if pg is not None:
@@ -321,6 +321,16 @@ def run_json(
             pg.write_csv(run_dir / "pg.csv")
             data["db_server"] = pg.summary()
     return data
+
+
+def _db_kind(db_url: str | None, database: dict[str, Any] | None) -> str:
+    """What was served: a private SQLite copy, or a database named by URL."""
+    dialect = (database or {}).get("dialect") or (
+        db_url.split(":", 1)[0].split("+", 1)[0] if db_url else "sqlite"
+    )
+    if db_url is None and dialect == "sqlite":
+        return "sqlite copy"
+    return f"external {dialect}"
 
 
 def _release(release: dict[str, Any] | None) -> dict[str, Any] | None:
