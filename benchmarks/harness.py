@@ -136,6 +136,7 @@ class Options:
     memory_limit_via: str = "watchdog"
     malloc_arena_max: int | None = None
     malloc_trim_threshold: int | None = None
+    malloc_mmap_threshold: int | None = None
     seed: int = 0
     interval_ms: float = 10.0
     proc_interval_ms: float = 200.0
@@ -163,12 +164,15 @@ class Options:
 
     def label_suffix(self) -> str:
         """What sets these runs apart beyond the variant, for labels and folders:
-        ``+arena-2``, ``+trim-131072``, ``+cap-1024``, ``+pool-prisma``."""
+        ``+arena-2``, ``+trim-131072``, ``+mmap-131072``, ``+cap-1024``,
+        ``+pool-prisma``."""
         parts = []
         if self.malloc_arena_max is not None:
             parts.append(f"+arena-{self.malloc_arena_max}")
         if self.malloc_trim_threshold is not None:
             parts.append(f"+trim-{self.malloc_trim_threshold}")
+        if self.malloc_mmap_threshold is not None:
+            parts.append(f"+mmap-{self.malloc_mmap_threshold}")
         if self.memory_limit_mib is not None:
             parts.append(f"+cap-{self.memory_limit_mib:g}")
         if self.pool_size is not None:
@@ -181,6 +185,8 @@ class Options:
             env["MALLOC_ARENA_MAX"] = str(self.malloc_arena_max)
         if self.malloc_trim_threshold is not None:
             env["MALLOC_TRIM_THRESHOLD_"] = str(self.malloc_trim_threshold)
+        if self.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(self.malloc_mmap_threshold)
         return env
 
 

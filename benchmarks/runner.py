@@ -15,7 +15,8 @@ everything it started and leaves a folder::
         server.log    the server's output (and ai-stub.log when one ran)
 
 The label adds what else sets a run apart: ``+arena-2``
-(``--malloc-arena-max``), ``+trim-N``, ``+cap-MiB`` (``--memory-limit``),
+(``--malloc-arena-max``), ``+trim-N``,
+``+mmap-N`` (``--malloc-mmap-threshold``), ``+cap-MiB`` (``--memory-limit``),
 ``+pool-SIZING``; the summary compares runs by label. Times count from the
 launch of the server process. ``--variant`` takes
 several variants (``naive,optimized`` or repeated); with ``--repeat N`` they
@@ -216,6 +217,7 @@ def run_scenario(
     memory_limit_via: str = "watchdog",
     malloc_arena_max: int | None = None,
     malloc_trim_threshold: int | None = None,
+    malloc_mmap_threshold: int | None = None,
     seed: int = 0,
     interval_ms: float = 10.0,
     keep: bool = False,
@@ -262,6 +264,7 @@ def run_scenario(
         memory_limit_via=memory_limit_via,
         malloc_arena_max=malloc_arena_max,
         malloc_trim_threshold=malloc_trim_threshold,
+        malloc_mmap_threshold=malloc_mmap_threshold,
         seed=seed,
         interval_ms=interval_ms,
         keep=keep,
@@ -342,6 +345,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="BYTES",
         help="MALLOC_TRIM_THRESHOLD_",
+    )
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        metavar="BYTES",
+        help="MALLOC_MMAP_THRESHOLD_ (fixed: glibc then stops raising it)",
     )
     parser.add_argument("--requests", type=int, help="measured requests")
     parser.add_argument("--concurrency", type=int, help="requests in flight")
@@ -435,6 +444,7 @@ def main(args: argparse.Namespace) -> int:
             memory_limit_via=args.memory_limit_via,
             malloc_arena_max=args.malloc_arena_max,
             malloc_trim_threshold=args.malloc_trim_threshold,
+            malloc_mmap_threshold=args.malloc_mmap_threshold,
             seed=args.seed,
             interval_ms=args.interval_ms,
             keep=args.keep,

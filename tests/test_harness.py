@@ -237,6 +237,14 @@ def test_labels_name_what_sets_runs_apart(tmp_path: Path) -> None:
     )
     assert options.label_suffix() == "+arena-2+cap-1024"
     assert options.server_env("m") == {RUN_MARKER_ENV: "m", "MALLOC_ARENA_MAX": "2"}
+    pinned = Options(
+        preset=load_preset("ci"),
+        out=tmp_path,
+        dataset=tmp_path,
+        malloc_mmap_threshold=131072,
+    )
+    assert pinned.label_suffix() == "+mmap-131072"
+    assert pinned.server_env("m")["MALLOC_MMAP_THRESHOLD_"] == "131072"
     load = Options(
         preset=load_preset("ci"),
         out=tmp_path,
