@@ -118,14 +118,20 @@ def latency_throughput(runs: ByVariant, title: str) -> Figure:
     """Latency percentiles and throughput side by side, per variant."""
     fig, (left, right) = charts.new_figures(2)
     percentiles = ("p50", "p95", "p99")
+    latencies = {r.label: [r.latency(p) for p in percentiles] for r in runs.values()}
     charts.grouped_bars(
         left,
         list(percentiles),
-        {r.label: [r.latency(p) for p in percentiles] for r in runs.values()},
+        latencies,
         {r.label: r.colour for r in runs.values()},
         "latency (ms)",
         "Latency of answered requests",
     )
+    values = [v for series in latencies.values() for v in series if v > 0]
+    if values and max(values) / min(values) > 30:
+        # Seconds beside milliseconds: a log axis keeps both readable.
+        left.set_yscale("log")
+        left.set_ylabel("latency (ms), log scale")
     charts.bars(
         right,
         [r.label for r in runs.values()],
@@ -142,23 +148,46 @@ def latency_throughput(runs: ByVariant, title: str) -> Figure:
 
 def proc_over_time(runs: ByVariant, title: str) -> Figure:
     """Threads and open files of the server process over time, counted from
-    the start of the measured load, as the RSS is."""
+    the start of the measured load, as the RSS is. A long run is shown as the
+    most in each of about 150 slices of time, so its trend reads at a glance."""
     fig, (left, right) = charts.new_figures(2)
     for ax, column, unit in (
         (left, "threads", "threads"),
         (right, "open_files", "open files (file descriptors)"),
     ):
+        binned = False
         for r in runs.values():
-            t_s, values = aligned(r.first, "proc", column)
-            ax.plot(t_s, values, color=r.colour, label=r.label)
+            raw = aligned(r.first, "proc", column)
+            t_s, values = binned_max(*raw)
+            binned = binned or len(t_s) < len(raw[0])
+            ax.step(t_s, values, where="post", color=r.colour, label=r.label)
         ax.axvline(0, color=charts.NEUTRAL_COLOUR, linewidth=1)
         ax.set_ylim(bottom=0)
         ax.set_xlabel("time since the measured load started (s)")
-        ax.set_ylabel(unit)
+        ax.set_ylabel(f"{unit}, most per slice of time" if binned else unit)
         ax.set_title(unit.split(" (")[0].capitalize())
         ax.legend(loc="best", fontsize="small")
     fig.suptitle(title)
     return fig
+
+
+#: Samples a line may have before it is drawn as the most per slice of time.
+MAX_POINTS = 300
+
+
+def binned_max(
+    t_s: np.ndarray, values: np.ndarray, bins: int = MAX_POINTS // 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """The largest value in each of ``bins`` equal slices of time (the data as
+    it is when it has few samples)."""
+    if len(t_s) <= MAX_POINTS:
+        return t_s, values
+    edges = np.linspace(t_s.min(), t_s.max(), bins + 1)
+    index = np.clip(np.searchsorted(edges, t_s, side="right") - 1, 0, bins - 1)
+    most = np.full(bins, np.nan)
+    np.fmax.at(most, index, values)
+    keep = ~np.isnan(most)
+    return edges[:-1][keep], most[keep]
 
 
 Metric = Callable[[Runs], float]
