@@ -7,6 +7,7 @@ pattern differ only in what the pattern is about.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import secrets
@@ -168,12 +169,22 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         s.storage_dir.mkdir(parents=True, exist_ok=True)
         await app.state.db.start()
+        # Login checks passwords on this one thread, not on anyio's pool: each
+        # scrypt call takes a 16 MiB buffer, and once glibc has raised its
+        # mmap threshold past that size the buffer comes from the calling
+        # thread's malloc arena and stays cached there. On one thread at most
+        # one buffer is live and one arena holds it; logins queue (~50 ms
+        # each) instead of spreading 16 MiB over every worker thread.
+        app.state.password_hasher = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="password-hash"
+        )
         async with httpx.AsyncClient(timeout=s.ai_timeout_s) as ai_client:
             app.state.ai_client = ai_client
             log.info("serving variant=%s naive=%s", s.variant, sorted(s.naive))
             try:
                 yield
             finally:
+                app.state.password_hasher.shutdown(wait=False, cancel_futures=True)
                 await app.state.db.stop()
 
     app = Starlette(

@@ -7,7 +7,8 @@ through how the JSON body is read (``body-limit``).
 
 from __future__ import annotations
 
-import anyio
+import asyncio
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from starlette.requests import Request
@@ -88,9 +89,11 @@ async def login(request: Request) -> JSONResponse:
     async with request.app.state.db.session("auth") as session:
         user = await session.scalar(select(User).where(User.email == email))
     stored = user.password_hash if user is not None else request.app.state.dummy_hash
-    # scrypt takes ~50 ms of CPU: run it on a worker thread so the event loop
-    # keeps serving other requests meanwhile.
-    matches = await anyio.to_thread.run_sync(verify_password, password, stored)
+    # scrypt takes ~50 ms of CPU: run it on the app's password thread so the
+    # event loop keeps serving other requests meanwhile.
+    matches = await asyncio.get_running_loop().run_in_executor(
+        request.app.state.password_hasher, verify_password, password, stored
+    )
     if user is None or not matches:
         raise ApiError(401, "invalid_credentials", "the email or password is wrong")
     return JSONResponse(

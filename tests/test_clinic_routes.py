@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from starlette.testclient import TestClient
 
+from reference_impl import clinic
 from reference_impl.app import create_app
+from reference_impl.security import verify_password
 
 
 @pytest.fixture(scope="module", params=["naive", "optimized"])
@@ -78,6 +81,24 @@ def test_login_answers_a_token(client, manifest):
     assert body["token"].count(".") == 2
     assert body["user"]["email"] == manifest["login"]["email"]
     assert "passwordHash" not in body["user"]
+
+
+def test_login_checks_passwords_on_one_thread(client, manifest, monkeypatch):
+    """Every scrypt call runs on the app's one password thread, whose malloc
+    arena alone then holds the 16 MiB buffers, not on anyio's worker pool."""
+    threads = []
+
+    def verify_and_note(password: str, stored: str) -> bool:
+        threads.append(threading.current_thread().name)
+        return verify_password(password, stored)
+
+    monkeypatch.setattr(clinic, "verify_password", verify_and_note)
+    wrong = {**manifest["login"], "password": "not-the-password"}
+    for body in (manifest["login"], wrong, manifest["login"]):
+        client.post("/api/auth/login", json=body)
+    assert len(threads) == 3
+    assert len(set(threads)) == 1
+    assert threads[0].startswith("password-hash")
 
 
 @pytest.mark.parametrize("change", ["password", "email"])
