@@ -7,6 +7,16 @@ the preset's ``[NAME.loads.clinic.weights]``; ``soak`` is a long ``clinic``
 mix for the optimized server (leaks show as a slope). A preset may give any
 scenario a ``weights`` table.
 
+The soak's RSS slope comes from glibc, not from Python objects. Freeing a
+block that glibc had mmap()ed raises its mmap threshold to that block's size
+(up to 32 MiB) and its trim threshold to twice that. Login's scrypt takes a
+16 MiB buffer, so after the first one every buffer below 16 MiB (scrypt's
+own, uploads, images) comes from a per-thread malloc arena, which keeps
+what is freed: RSS creeps while ``gc.collect()`` frees nothing. With the
+threshold pinned (``--malloc-mmap-threshold 131072``, glibc's default) or
+with ``--malloc-arena-max 2`` the slope is flat; the server leaves glibc's
+defaults alone so that the runs show what a deployment would see.
+
 Each route has the statuses that are its correct answers. An oversized JSON
 body is *meant* to be refused: the optimized server answers 413 and the
 naive one reads it whole and answers 200, and both count as ``ok``; any
