@@ -12,8 +12,9 @@ block that glibc had mmap()ed raises its mmap threshold to that block's size
 (up to 32 MiB) and its trim threshold to twice that. Login's scrypt takes a
 16 MiB buffer, so after the first one every buffer below 16 MiB (scrypt's
 own, uploads, images) comes from a per-thread malloc arena, which keeps
-what is freed: RSS creeps while ``gc.collect()`` frees nothing. With the
-threshold pinned (``--malloc-mmap-threshold 131072``, glibc's default) or
+what is freed: RSS climbs in steps as arenas fill, early or late in a run,
+so the slope varies from run to run, and ``gc.collect()`` frees nothing.
+With the threshold pinned (``--malloc-mmap-threshold 131072``, glibc's default) or
 with ``--malloc-arena-max 2`` the slope is flat; the server leaves glibc's
 defaults alone so that the runs show what a deployment would see.
 
