@@ -64,6 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="comma-separated notebook names to run (default: all)",
     )
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="execute nothing: write the report again from the notebooks an"
+        " earlier run left in DIR",
+    )
+    parser.add_argument(
         "--cell-timeout-s",
         type=float,
         default=3600.0,
@@ -185,8 +191,11 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--repeats={args.repeats} must be at least 1")
     out_dir = (args.out or REPO_ROOT / "reports" / args.preset).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = notebook_paths(args.only)
-    prepare_environment()
+    if args.report_only and not (out_dir / OUTCOMES_FILE).is_file():
+        raise UsageError(f"{out_dir} holds no earlier run to report on")
+    paths = [] if args.report_only else notebook_paths(args.only)
+    if paths:
+        prepare_environment()
     fresh = [
         execute(path, out_dir, args.preset, args.repeats, args.cell_timeout_s)
         for path in paths

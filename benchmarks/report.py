@@ -216,7 +216,7 @@ def markdown(
         "",
         _md_table(SUMMARY_HEADER, [_summary_cells(r) for r in summary_rows(results)]),
         "",
-        "## The original's claims, as measured",
+        "## The original's claims, and what the notebooks add, as measured",
         "",
         _md_table(CLAIMS_HEADER, [_claim_cells(c) for c in all_claims(results)]),
         "",
@@ -320,7 +320,7 @@ Python {_esc(env["python"])} (<a href="environment.json">environment</a>,
 {_html_table(("notebook", "status", "time (s)", "executed"), notebook_rows, (2,))}
 <h2>Peak RSS, naive against optimized</h2>
 {_html_table(SUMMARY_HEADER, summary, (1, 2, 3, 4, 5))}
-<h2>The original's claims, as measured</h2>
+<h2>The original's claims, and what the notebooks add, as measured</h2>
 {_html_table(CLAIMS_HEADER, claims)}
 <h2>Overview charts</h2>
 {figures or "<p>The overview notebook wrote no charts.</p>"}

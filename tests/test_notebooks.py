@@ -201,6 +201,24 @@ def test_membench_notebooks_refuses_a_repeat_count_below_one(tmp_path: Path):
     assert main(["notebooks", "--preset", "ci", "--repeats", "0"]) == 2
 
 
+def test_report_only_needs_an_earlier_run(tmp_path: Path, capsys):
+    from reference_impl.cli import main
+
+    assert main(["notebooks", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "holds no earlier run" in capsys.readouterr().err
+
+
+def test_report_only_writes_the_report_of_an_earlier_run(tmp_path: Path, capsys):
+    from reference_impl.cli import main
+
+    earlier = [report.Outcome("listing", "Listing", True, 1.0, "notebooks/x.ipynb")]
+    notebooks.merge_outcomes(tmp_path, earlier, "ci")
+    args = ["notebooks", "--preset", "ci", "--report-only", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "Listing" in (tmp_path / "index.html").read_text()
+    assert f"report: {tmp_path / 'index.html'}" in capsys.readouterr().out
+
+
 # -- executed by nbval ---------------------------------------------------------
 
 #: Seconds one notebook may take at the ci preset on a busy 2-core machine.
