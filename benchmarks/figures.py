@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from benchmarks import charts
 from benchmarks.study import Run, Runs
@@ -254,3 +255,61 @@ def sweep_panels(
         ax.set_visible(False)
     fig.suptitle(title)
     return fig, fits
+
+
+def backends_side_by_side(rows: Sequence[Mapping]) -> Figure:
+    """The ``client`` load on each database (rows of
+    :func:`benchmarks.backends.client_rows`): throughput beside the memory it
+    took, the app's peak RSS with, on PostgreSQL, its backends' summed RSS
+    stacked on top."""
+    fig, (speed, memory) = charts.new_figures(2, height_in=0.6 * len(rows) + 1.8)
+    names = [f"{r['backend']}, {r['variant']}\n{r['pool']}" for r in rows]
+    colours = [charts.colour(r["variant"]) for r in rows]
+    charts.bars(
+        speed,
+        names,
+        [r["throughput_rps"] for r in rows],
+        colours,
+        "throughput (requests/s)",
+        "Throughput",
+        value_format="{:.1f}",
+        horizontal=True,
+    )
+    positions = np.arange(len(rows))
+    app = [r["app_rss_peak_mib"] for r in rows]
+    server = [r["server_backends_rss_mib_peak"] or 0.0 for r in rows]
+    memory.barh(positions, app, color=colours)
+    drawn = memory.barh(
+        positions,
+        server,
+        left=app,
+        color=charts.NEUTRAL_COLOUR,
+        alpha=0.45,
+    )
+    memory.bar_label(
+        drawn,
+        labels=[f"{a + s:.0f}" for a, s in zip(app, server, strict=True)],
+        padding=3,
+    )
+    memory.set_yticks(positions, [""] * len(rows))
+    memory.set_xlabel("RSS (MiB)")
+    memory.grid(True, axis="x", alpha=0.3)
+    memory.grid(False, axis="y")
+    memory.margins(x=0.18)
+    memory.set_title("Memory: the app, and the database server's backends")
+    memory.legend(
+        handles=[
+            Patch(facecolor="white", edgecolor="black", label="app peak RSS"),
+            Patch(
+                facecolor=charts.NEUTRAL_COLOUR,
+                alpha=0.45,
+                label="PostgreSQL backends, summed RSS at peak",
+            ),
+        ],
+        loc="upper right",
+        fontsize="small",
+    )
+    for ax in (speed, memory):
+        ax.invert_yaxis()
+    fig.suptitle("client: SQLite and PostgreSQL side by side")
+    return fig
