@@ -35,6 +35,7 @@ from benchmarks import scenarios
 from benchmarks.serverproc import ServerError, ServerProcess, free_port, serve_args
 from reference_impl.errors import UsageError
 from reference_impl.presets import Preset
+from reference_impl.server import sqlite_url
 
 log = logging.getLogger("benchmarks")
 
@@ -166,7 +167,7 @@ class Workspace:
             return self.external_db, storage
         db = scratch / "clinic.sqlite"
         copy_sqlite(self.base_db, db)
-        return f"sqlite+aiosqlite:///{db.resolve()}", storage
+        return sqlite_url(db), storage
 
     def counts(self) -> dict[str, Any]:
         counts = dict(self.manifest.get("counts") or {})
@@ -194,7 +195,7 @@ class Workspace:
         if key in self._diagnosis:
             return self._diagnosis[key]
         self.prepare()
-        db_url = self.external_db or f"sqlite+aiosqlite:///{self.base_db.resolve()}"
+        db_url = self.external_db or sqlite_url(self.base_db)
         port = free_port()
         command = serve_args(
             "optimized", port=port, db=db_url, storage=self.base_storage
@@ -235,7 +236,7 @@ class Workspace:
         key = ("history", count)
         if key not in self._setups:
             self.prepare()
-            db_url = self.external_db or f"sqlite+aiosqlite:///{self.base_db}"
+            db_url = self.external_db or sqlite_url(self.base_db)
             added = asyncio.run(_add_history(db_url, HISTORY_PATIENT, count))
             log.info(
                 "setup: patient %s holds %s images (%s added)",

@@ -46,6 +46,7 @@ from typing import Any
 from reference_impl import imagegen
 from reference_impl.errors import UsageError
 from reference_impl.presets import PRESET_NAMES, default_dataset_dir, load_preset
+from reference_impl.server import sqlite_url
 
 log = logging.getLogger("reference_impl")
 
@@ -903,10 +904,6 @@ def patient_batches(
 
 
 # -- database ------------------------------------------------------------------
-
-
-def sqlite_url(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path.resolve()}"
 
 
 async def _insert(conn, table, rows: list[dict[str, Any]]) -> None:
